@@ -1,0 +1,149 @@
+"""Reading and writing .safetensors files as numpy arrays.
+
+Writes are atomic: a crash or error mid-save never leaves a half-written file at the
+target path. Reads are lazy: the file is memory-mapped and tensors are materialised one
+at a time, so multi-gigabyte checkpoints never have to fit in memory at once.
+bfloat16 tensors are `ml_dtypes.bfloat16` numpy arrays on both sides.
+"""
+
+import os
+import tempfile
+
+import ml_dtypes
+import numpy as np
+import safetensors.numpy
+from safetensors import SafetensorError, safe_open
+
+from library.errors import UserError
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def save_safetensors(tensors: dict[str, np.ndarray], path, metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` (and string `metadata`) to `path`, replacing any existing file atomically."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as temp_file:
+            temp_file.write(serialize_safetensors(tensors, metadata))
+            temp_file.flush()
+            os.fsync(temp_file.fileno())
+        os.replace(temp_path, path)
+    except BaseException:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+        raise
+    _fsync_directory(folder)
+
+
+def serialize_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
+    """The exact bytes of the .safetensors file holding `tensors` and `metadata`."""
+    # safetensors.numpy reads raw memory from the array pointer, so a strided view
+    # (e.g. a transpose) would be written in the wrong element order. Not
+    # np.ascontiguousarray: it turns the 0-d LoRA alpha into shape [1].
+    contiguous = {name: np.require(array, requirements="C") for name, array in tensors.items()}
+    return safetensors.numpy.save(contiguous, metadata)
+
+
+def _fsync_directory(folder: str) -> None:
+    """Make the rename itself durable; not every platform lets a directory be opened."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class SafetensorsReader:
+    """Lazy view of one .safetensors file; use as a context manager (see `open_safetensors`)."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            raise UserError(f"{self.path}: file not found")
+        if os.path.isdir(self.path):
+            raise UserError(f"{self.path} is a directory, expected a .safetensors file")
+        try:
+            self._file = safe_open(self.path, framework="numpy")
+        except SafetensorError as error:
+            raise UserError(f"{self.path} is not a valid safetensors file (truncated?): {error}") from None
+        self._file.__enter__()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def close(self) -> None:
+        self._file.__exit__(None, None, None)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self._file.metadata() or {}
+
+    def keys(self) -> list[str]:
+        return list(self._file.keys())
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._file.keys())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._file.get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype tag as stored in the header: "F32", "F16", "BF16", ..."""
+        return self._file.get_slice(name).get_dtype()
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor in its stored dtype (BF16 comes back as `ml_dtypes.bfloat16`)."""
+        return self._file.get_tensor(name)
+
+    def read_float32(self, name: str) -> np.ndarray:
+        return to_float32(self.read(name))
+
+
+def open_safetensors(path) -> SafetensorsReader:
+    """Open a .safetensors file for lazy, tensor-by-tensor reading."""
+    return SafetensorsReader(path)
+
+
+def read_metadata(path) -> dict[str, str]:
+    """The `__metadata__` string map of a .safetensors file ({} when it has none)."""
+    with open_safetensors(path) as reader:
+        return reader.metadata
+
+
+def to_float32(array: np.ndarray) -> np.ndarray:
+    """Upcast float16/bfloat16 (or any real array) to float32, leaving float32 untouched."""
+    if array.dtype == np.float32:
+        return array
+    return array.astype(np.float32)
+
+
+def to_bfloat16(array: np.ndarray) -> np.ndarray:
+    """Round to bfloat16 as a numpy array that `save_safetensors` stores with dtype "BF16"."""
+    return np.asarray(array).astype(ml_dtypes.bfloat16)
+
+
+def is_pickle_checkpoint(path) -> bool:
+    return os.fspath(path).lower().endswith(PICKLE_SUFFIXES)
+
+
+def refuse_pickle(path, allow_pickle: bool = False) -> None:
+    """Stop before unpickling a checkpoint unless the user opted in: unpickling can run arbitrary code."""
+    if is_pickle_checkpoint(path) and not allow_pickle:
+        raise UserError(
+            f"{os.fspath(path)} is a pickle checkpoint, which can run arbitrary code when loaded; "
+            "convert it to .safetensors or pass --allow_pickle_checkpoint if you trust it"
+        )
