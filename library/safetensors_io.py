@@ -7,7 +7,7 @@ bfloat16 tensors are `ml_dtypes.bfloat16` numpy arrays on both sides.
 """
 
 import os
-import tempfile
+import secrets
 
 import ml_dtypes
 import numpy as np
@@ -23,9 +23,10 @@ def save_safetensors(tensors: dict[str, np.ndarray], path, metadata: dict[str, s
     """Write `tensors` (and string `metadata`) to `path`, replacing any existing file atomically."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    handle, temp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    # Not tempfile.mkstemp: its 0600 mode would stick to the saved model; "x" honours the umask.
+    temp_path = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     try:
-        with os.fdopen(handle, "wb") as temp_file:
+        with open(temp_path, "xb") as temp_file:
             temp_file.write(serialize_safetensors(tensors, metadata))
             temp_file.flush()
             os.fsync(temp_file.fileno())

@@ -84,6 +84,14 @@ def test_strided_views_are_written_in_logical_order(tmp_path):
         np.testing.assert_array_equal(reader.read("t"), [[0, 2, 4], [1, 3, 5]])
 
 
+def test_saved_file_gets_ordinary_permissions(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = tmp_path / "lora.safetensors"
+    save_safetensors({"x": np.zeros(2, np.float32)}, path)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_no_metadata_reads_back_as_empty_dict(tmp_path):
     path = tmp_path / "plain.safetensors"
     save_safetensors({"x": np.zeros(2, np.float32)}, path, None)
