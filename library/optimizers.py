@@ -1,0 +1,472 @@
+"""The optimizers sd-scripts offers through --optimizer_type, as MindSpore cells.
+
+An optimizer here is a Cell whose `construct(grads)` updates `optimizer.parameters` in place, `grads` being a tuple
+in the same order. It runs eagerly or inside a compiled graph (mindone's TrainStep calls it there). Each parameter
+group (U-Net, text encoder, LoRA+ ...) has its own learning rate, kept in a scalar Parameter that the host sets
+before every optimizer step, because sd-scripts steps its schedulers on the host once per optimizer step.
+
+The update rules follow the torch classes sd-scripts instantiates (torch.optim.AdamW, torch.optim.SGD with
+nesterov=True, lion_pytorch.Lion, transformers' Adafactor). The arithmetic is written with `ops` that have both
+CPU and Ascend kernels: MindSpore's own AdamWeightDecay lacks bias correction, and several mint optimizers have no
+CPU kernel or do not update on CPU.
+"""
+
+import ast
+import inspect
+import math
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+from .errors import UserError
+
+SUPPORTED_OPTIMIZERS = ("AdamW", "Lion", "SGDNesterov", "Adafactor")
+
+
+class GroupedOptimizer(nn.Cell):
+    """Base of the optimizers: parameter groups, one learning-rate Parameter per group, a step counter.
+
+    `param_groups` is a list of dicts with "params" (list of Parameters) and optionally "lr" (float); a group
+    without "lr" uses `lr`, as torch does. All state is held in Parameters with stable names, so
+    `mindspore.save_checkpoint(optimizer, ...)` and `mindspore.load_param_into_net(optimizer, ...)` save and
+    resume it exactly. The model's parameters themselves are not part of that state.
+    """
+
+    torch_name = ""  # the class path sd-scripts records in ss_optimizer for the torch equivalent
+
+    def __init__(self, param_groups, lr):
+        super().__init__(auto_prefix=False)
+        _check_param_groups(param_groups)
+        self.default_lr = lr
+        self.base_lrs = [group.get("lr", lr) for group in param_groups]
+        self.group_lrs = ParameterTuple(
+            Parameter(Tensor(base_lr or 0.0, ms.float32), name=f"lr_group_{index}", requires_grad=False)
+            for index, base_lr in enumerate(self.base_lrs)
+        )
+        params, param_lrs = [], []
+        for group, group_lr in zip(param_groups, self.group_lrs):
+            params += group["params"]
+            param_lrs += [group_lr] * len(group["params"])
+        # Kept out of the Cell's registry: a registered ParameterTuple would let a parent Cell (TrainStep) prefix
+        # the model's parameter names with its attribute name, and would put model weights in the optimizer state.
+        object.__setattr__(self, "parameters", ParameterTuple(params))
+        object.__setattr__(self, "param_lrs", ParameterTuple(param_lrs))
+        self.step_count = Parameter(Tensor(0, ms.int32), name="optimizer_step", requires_grad=False)
+        self.hyper_map = ops.HyperMap()
+
+    def set_learning_rates(self, lrs):
+        """Set each group's learning rate for the coming optimizer steps (host side, between steps)."""
+        if len(lrs) != len(self.group_lrs):
+            raise ValueError(f"expected {len(self.group_lrs)} learning rates, got {len(lrs)}")
+        for group_lr, lr in zip(self.group_lrs, lrs):
+            ops.assign(group_lr, Tensor(lr, ms.float32))
+
+    def learning_rates(self):
+        return [float(group_lr.asnumpy()) for group_lr in self.group_lrs]
+
+    def _zeros_like_parameters(self, state_name):
+        return [
+            Parameter(
+                Tensor(np.zeros(param.shape, np.float32)),
+                name=f"{state_name}.{param.name}",
+                requires_grad=False,
+            )
+            for param in self.parameters
+        ]
+
+    def _advance_step(self):
+        """Count this optimizer step and return its number (1 on the first step) as float32."""
+        ops.assign_add(self.step_count, Tensor(1, ms.int32))
+        return self.step_count.astype(ms.float32)
+
+
+def _check_param_groups(param_groups):
+    if not param_groups:
+        raise ValueError("an optimizer needs at least one parameter group")
+    seen = set()
+    for group in param_groups:
+        unknown = set(group) - {"params", "lr"}
+        if unknown:
+            raise ValueError(f"parameter group keys must be 'params' and 'lr', got {sorted(unknown)}")
+        for param in group["params"]:
+            if not isinstance(param, Parameter):
+                raise ValueError(f"parameter groups must hold Parameters, got {type(param).__name__}")
+            if id(param) in seen:
+                raise ValueError(f"parameter {param.name} appears in more than one group")
+            seen.add(id(param))
+
+
+def _one_minus_power(log_beta, step):
+    """1 - beta**step, accurate in float32: computing beta**step directly loses ~1e-5 relative when beta=0.999."""
+    return -ops.expm1(step * log_beta)
+
+
+def _log(beta):
+    return math.log(beta) if beta > 0 else -math.inf
+
+
+_adamw_update = ops.MultitypeFuncGraph("adamw_update")
+
+
+@_adamw_update.register(
+    "Number", "Number", "Number", "Number", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor"
+)
+def _adamw_step(
+    beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt, lr, param, grad, exp_avg, exp_avg_sq
+):
+    grad = grad.astype(ms.float32)
+    weight = param.astype(ms.float32) * (1.0 - lr * weight_decay)
+    new_exp_avg = exp_avg + (grad - exp_avg) * (1.0 - beta1)
+    new_exp_avg_sq = exp_avg_sq * beta2 + grad * grad * (1.0 - beta2)
+    denom = ops.sqrt(new_exp_avg_sq) / bias_correction2_sqrt + eps
+    weight = weight - (lr / bias_correction1) * new_exp_avg / denom
+    ops.assign(exp_avg, new_exp_avg)
+    ops.assign(exp_avg_sq, new_exp_avg_sq)
+    ops.assign(param, weight.astype(param.dtype))
+    return True
+
+
+class AdamW(GroupedOptimizer):
+    """torch.optim.AdamW: bias-corrected Adam with decoupled weight decay, eps added outside the square root."""
+
+    torch_name = "torch.optim.adamw.AdamW"
+
+    def __init__(self, param_groups, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        super().__init__(param_groups, lr)
+        self.beta1, self.beta2 = float(betas[0]), float(betas[1])
+        self.log_beta1, self.log_beta2 = _log(self.beta1), _log(self.beta2)
+        self.eps = float(eps)
+        self.weight_decay = float(weight_decay)
+        self.exp_avg = ParameterTuple(self._zeros_like_parameters("exp_avg"))
+        self.exp_avg_sq = ParameterTuple(self._zeros_like_parameters("exp_avg_sq"))
+
+    def construct(self, grads):
+        step = self._advance_step()
+        bias_correction1 = _one_minus_power(self.log_beta1, step)
+        bias_correction2_sqrt = ops.sqrt(_one_minus_power(self.log_beta2, step))
+        update = ops.partial(
+            _adamw_update,
+            self.beta1,
+            self.beta2,
+            self.eps,
+            self.weight_decay,
+            bias_correction1,
+            bias_correction2_sqrt,
+        )
+        return self.hyper_map(update, self.param_lrs, self.parameters, grads, self.exp_avg, self.exp_avg_sq)
+
+
+_lion_update = ops.MultitypeFuncGraph("lion_update")
+
+
+@_lion_update.register("Number", "Number", "Number", "Tensor", "Tensor", "Tensor", "Tensor")
+def _lion_step(beta1, beta2, weight_decay, lr, param, grad, exp_avg):
+    grad = grad.astype(ms.float32)
+    weight = param.astype(ms.float32) * (1.0 - lr * weight_decay)
+    weight = weight - lr * ops.sign(exp_avg * beta1 + grad * (1.0 - beta1))
+    ops.assign(exp_avg, exp_avg * beta2 + grad * (1.0 - beta2))
+    ops.assign(param, weight.astype(param.dtype))
+    return True
+
+
+class Lion(GroupedOptimizer):
+    """lion_pytorch.Lion: sign of an interpolated momentum, weight decay scaled by the learning rate."""
+
+    torch_name = "lion_pytorch.lion_pytorch.Lion"
+
+    def __init__(
+        self, param_groups, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, use_triton=False, decoupled_weight_decay=False
+    ):
+        if use_triton:
+            raise UserError("--optimizer_args use_triton=True: Triton kernels do not exist on MindSpore; remove it")
+        super().__init__(param_groups, lr)
+        self.beta1, self.beta2 = float(betas[0]), float(betas[1])
+        # lion_pytorch's decoupled mode divides the decay by the learning rate given at construction.
+        self.weight_decay = float(weight_decay) / lr if decoupled_weight_decay else float(weight_decay)
+        self.exp_avg = ParameterTuple(self._zeros_like_parameters("exp_avg"))
+
+    def construct(self, grads):
+        self._advance_step()
+        update = ops.partial(_lion_update, self.beta1, self.beta2, self.weight_decay)
+        return self.hyper_map(update, self.param_lrs, self.parameters, grads, self.exp_avg)
+
+
+_sgd_nesterov_update = ops.MultitypeFuncGraph("sgd_nesterov_update")
+
+
+@_sgd_nesterov_update.register("Number", "Number", "Tensor", "Tensor", "Tensor", "Tensor")
+def _sgd_nesterov_step(momentum, weight_decay, lr, param, grad, momentum_buffer):
+    weight = param.astype(ms.float32)
+    direction = grad.astype(ms.float32) + weight * weight_decay
+    # torch starts the buffer at the first direction; with zero dampening, 0 * momentum + direction is exactly that.
+    new_buffer = momentum_buffer * momentum + direction
+    direction = direction + new_buffer * momentum
+    ops.assign(momentum_buffer, new_buffer)
+    ops.assign(param, (weight - lr * direction).astype(param.dtype))
+    return True
+
+
+class SGDNesterov(GroupedOptimizer):
+    """torch.optim.SGD(nesterov=True) with L2 weight decay added to the gradient."""
+
+    torch_name = "torch.optim.sgd.SGD"
+
+    def __init__(self, param_groups, lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0):
+        if momentum <= 0 or dampening != 0:
+            raise UserError(
+                f"--optimizer_args: SGDNesterov needs momentum > 0 and dampening=0 "
+                f"(got momentum={momentum}, dampening={dampening})"
+            )
+        super().__init__(param_groups, lr)
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
+        self.momentum_buffer = ParameterTuple(self._zeros_like_parameters("momentum_buffer"))
+
+    def construct(self, grads):
+        self._advance_step()
+        update = ops.partial(_sgd_nesterov_update, self.momentum, self.weight_decay)
+        return self.hyper_map(update, self.param_lrs, self.parameters, grads, self.momentum_buffer)
+
+
+_adafactor_update = ops.MultitypeFuncGraph("adafactor_update")
+
+
+@_adafactor_update.register(
+    "Bool", "Bool", "Number", "Number", "Number", "Number", "Number",
+    "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tuple",
+)  # fmt: skip
+def _adafactor_step(
+    relative_step, scale_parameter, eps_squared, eps_scale, clip_threshold, beta1, weight_decay,
+    beta2t, relative_step_size, lr, param, grad, state,
+):  # fmt: skip
+    """One transformers-Adafactor update; `state` is (row, col[, exp_avg]) for matrices, (sq[, exp_avg]) otherwise."""
+    grad = grad.astype(ms.float32)
+    weight = param.astype(ms.float32)
+    step_size = relative_step_size if relative_step else lr
+    if scale_parameter:
+        step_size = step_size * ops.maximum(_rms(weight), eps_scale)
+    squared = grad * grad + eps_squared
+    if len(param.shape) >= 2:
+        # Factored second moment: running means over rows and over columns stand in for the full matrix.
+        row, col = state[0], state[1]
+        new_row = row * beta2t + squared.mean(-1) * (1.0 - beta2t)
+        new_col = col * beta2t + squared.mean(-2) * (1.0 - beta2t)
+        ops.assign(row, new_row)
+        ops.assign(col, new_col)
+        row_factor = ops.rsqrt(new_row / new_row.mean(-1, keep_dims=True)).expand_dims(-1)
+        col_factor = ops.rsqrt(new_col).expand_dims(-2)
+        update = row_factor * col_factor * grad
+        first_moment_index = 2
+    else:
+        new_sq = state[0] * beta2t + squared * (1.0 - beta2t)
+        ops.assign(state[0], new_sq)
+        update = ops.rsqrt(new_sq) * grad
+        first_moment_index = 1
+    update = update / ops.maximum(_rms(update) / clip_threshold, 1.0)
+    update = update * step_size
+    if len(state) > first_moment_index:
+        exp_avg = state[first_moment_index]
+        update = exp_avg * beta1 + update * (1.0 - beta1)
+        ops.assign(exp_avg, update)
+    weight = weight - weight * (weight_decay * step_size) - update
+    ops.assign(param, weight.astype(param.dtype))
+    return True
+
+
+def _rms(tensor):
+    return ops.sqrt((tensor * tensor).mean())
+
+
+class Adafactor(GroupedOptimizer):
+    """transformers.optimization.Adafactor, including its relative step size and parameter-scale options.
+
+    With relative_step=True the learning rate is computed from the step number (and the group learning rates
+    are not used); otherwise each group's learning rate is used, scaled by the parameter RMS if scale_parameter.
+    """
+
+    torch_name = "transformers.optimization.Adafactor"
+
+    def __init__(
+        self,
+        param_groups,
+        lr=None,
+        eps=(1e-30, 1e-3),
+        clip_threshold=1.0,
+        decay_rate=-0.8,
+        beta1=None,
+        weight_decay=0.0,
+        scale_parameter=True,
+        relative_step=True,
+        warmup_init=False,
+    ):
+        if lr is not None and relative_step:
+            raise ValueError("Adafactor: a manual lr cannot be combined with relative_step=True")
+        if lr is None and not relative_step:
+            raise ValueError("Adafactor: relative_step=False needs a learning rate")
+        if warmup_init and not relative_step:
+            raise ValueError("Adafactor: warmup_init=True requires relative_step=True")
+        super().__init__(param_groups, lr)
+        self.eps_squared, self.eps_scale = float(eps[0]), float(eps[1])
+        self.clip_threshold = float(clip_threshold)
+        self.decay_rate = float(decay_rate)
+        self.beta1 = beta1
+        self.weight_decay = float(weight_decay)
+        self.scale_parameter = bool(scale_parameter)
+        self.relative_step = bool(relative_step)
+        self.warmup_init = bool(warmup_init)
+
+        param_states = [self._new_state(param) for param in self.parameters]
+        self.state_tensors = ParameterTuple(tensor for state in param_states for tensor in state)
+        # The same Parameters grouped per model parameter, for the update; registered once above.
+        object.__setattr__(self, "param_states", tuple(param_states))
+
+    def _new_state(self, param):
+        shape = param.shape
+        if len(shape) >= 2:
+            state = [("exp_avg_sq_row", shape[:-1]), ("exp_avg_sq_col", shape[:-2] + shape[-1:])]
+        else:
+            state = [("exp_avg_sq", shape)]
+        if self.beta1 is not None:
+            state.append(("exp_avg", shape))
+        return tuple(
+            Parameter(Tensor(np.zeros(state_shape, np.float32)), name=f"{name}.{param.name}", requires_grad=False)
+            for name, state_shape in state
+        )
+
+    def construct(self, grads):
+        step = self._advance_step()
+        beta2t = 1.0 - ops.pow(step, self.decay_rate)
+        min_step = 1e-6 * step if self.warmup_init else 1e-2
+        relative_step_size = ops.minimum(ops.rsqrt(step), min_step)
+        update = ops.partial(
+            _adafactor_update,
+            self.relative_step,
+            self.scale_parameter,
+            self.eps_squared,
+            self.eps_scale,
+            self.clip_threshold,
+            0.0 if self.beta1 is None else float(self.beta1),
+            self.weight_decay,
+            beta2t,
+            relative_step_size,
+        )
+        return self.hyper_map(update, self.param_lrs, self.parameters, grads, self.param_states)
+
+
+OPTIMIZER_CLASSES = {"adamw": AdamW, "lion": Lion, "sgdnesterov": SGDNesterov, "adafactor": Adafactor}
+
+
+def create_optimizer(optimizer_type, param_groups, learning_rate, optimizer_args=None):
+    """Build the optimizer sd-scripts' get_optimizer would, from --optimizer_type and --optimizer_args.
+
+    Returns (optimizer, optimizer_name, optimizer_args_str): the last two are what sd-scripts records, as
+    ss_optimizer = optimizer_name + (f"({optimizer_args_str})" if optimizer_args_str else "").
+    Adafactor with relative_step (its default here, as in sd-scripts) ignores `learning_rate` and the groups' "lr".
+    """
+    optimizer_class = _optimizer_class(optimizer_type or "AdamW")
+    kwargs = parse_literal_args(optimizer_args, "--optimizer_args")
+    _check_optimizer_kwargs(optimizer_class, kwargs)
+    lr = learning_rate
+
+    if optimizer_class is SGDNesterov:
+        kwargs.setdefault("momentum", 0.9)
+    if optimizer_class is Adafactor:
+        kwargs.setdefault("relative_step", True)
+        if kwargs.get("warmup_init", False):
+            kwargs["relative_step"] = True
+        if kwargs["relative_step"]:
+            lr = None
+            param_groups = [{"params": group["params"]} for group in param_groups]
+
+    optimizer = optimizer_class(param_groups, lr=lr, **kwargs)
+    optimizer_args_str = ",".join(f"{key}={value}" for key, value in kwargs.items())
+    return optimizer, optimizer_class.torch_name, optimizer_args_str
+
+
+def create_optimizer_from_args(args, param_groups):
+    """create_optimizer() from sd-scripts' parsed arguments, including --use_8bit_adam / --use_lion_optimizer.
+
+    Like sd-scripts, Adafactor with relative_step rewrites `args`: lr_scheduler becomes "adafactor:<learning_rate>",
+    learning_rate becomes None, and unet_lr / text_encoder_lr become None if a group had its own lr. sd-scripts'
+    metadata (ss_lr_scheduler, ss_learning_rate, ...) records these rewritten values.
+    """
+    if args.fused_backward_pass:
+        raise UserError("--fused_backward_pass is not supported by this trainer; remove it")
+    optimizer_type = args.optimizer_type
+    for flag, implied_type in (("use_8bit_adam", "AdamW8bit"), ("use_lion_optimizer", "Lion")):
+        if getattr(args, flag):
+            if optimizer_type:
+                raise UserError(f"--{flag} and --optimizer_type {optimizer_type} are both given; keep one")
+            optimizer_type = implied_type
+            break
+
+    had_group_lr = any("lr" in group for group in param_groups)
+    optimizer, optimizer_name, optimizer_args_str = create_optimizer(
+        optimizer_type, param_groups, args.learning_rate, args.optimizer_args
+    )
+    if isinstance(optimizer, Adafactor) and optimizer.relative_step:
+        args.lr_scheduler = f"adafactor:{args.learning_rate}"
+        args.learning_rate = None
+        if had_group_lr:
+            args.unet_lr = None
+            args.text_encoder_lr = None
+    return optimizer, optimizer_name, optimizer_args_str
+
+
+def parse_literal_args(values, flag):
+    """sd-scripts' key=value list (--optimizer_args, --lr_scheduler_args): each value is a Python literal."""
+    kwargs = {}
+    for item in values or []:
+        if item.count("=") != 1:
+            raise UserError(f"{flag} {item!r}: expected key=value")
+        key, text = item.split("=")
+        try:
+            kwargs[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise UserError(
+                f"{flag} {key}={text}: the value must be a Python literal (number, True/False, None, tuple or "
+                f"quoted string)"
+            ) from None
+    return kwargs
+
+
+def _optimizer_class(optimizer_type):
+    optimizer_class = OPTIMIZER_CLASSES.get(optimizer_type.lower())
+    if optimizer_class is not None:
+        return optimizer_class
+    supported = ", ".join(SUPPORTED_OPTIMIZERS)
+    if "." in optimizer_type:
+        raise UserError(
+            f"--optimizer_type {optimizer_type}: optimizer classes given by module path are not supported; "
+            f"use one of {supported}"
+        )
+    raise UserError(f"--optimizer_type {optimizer_type} is not supported by this trainer; use one of {supported}")
+
+
+def _check_optimizer_kwargs(optimizer_class, kwargs):
+    """Reject keys the optimizer does not take and values whose type does not fit its default."""
+    options = {
+        name: option.default
+        for name, option in inspect.signature(optimizer_class.__init__).parameters.items()
+        if name not in ("self", "param_groups", "lr")
+    }
+    name = optimizer_class.__name__
+    for key, value in kwargs.items():
+        if key not in options:
+            raise UserError(
+                f"--optimizer_args {key}: not an option of {name} here; its options are {', '.join(options)}"
+            )
+        if not _fits(value, options[key]):
+            raise UserError(f"--optimizer_args {key}={value!r}: {name} expects a value like {options[key]!r}")
+
+
+def _fits(value, default):
+    def is_number(item):
+        return isinstance(item, (int, float)) and not isinstance(item, bool)
+
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, tuple):
+        return isinstance(value, (tuple, list)) and len(value) == len(default) and all(map(is_number, value))
+    return is_number(value) or (default is None and value is None)
