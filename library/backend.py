@@ -1,0 +1,123 @@
+"""Device-specific choices of functional ops, in one place.
+
+MindSpore 2.10's CPU backend lacks kernels for several `mint` ops that the Ascend path uses
+(Conv2d, LayerNorm, GELU, GroupNorm, Dropout, Embedding, Pad, Arange, MSELoss, randn), and its CPU
+Conv2D kernel is 30-70x slower than the same convolution as unfold + matmul. Every op below picks
+the `mint` op mindone's models use on Ascend/GPU, and a measured equivalent on CPU. Nothing else in
+the project asks which device it runs on.
+"""
+
+import math
+
+import mindspore as ms
+from mindspore import mint, nn, ops
+
+# Read once: graph mode cannot call get_context inside a compiled function, and the device is fixed per process.
+_ON_CPU = ms.get_context("device_target") == "CPU"
+# Above this many bytes of unfolded columns, the CPU convolution is computed in bands of output rows.
+_MAX_UNFOLD_BYTES = 256 * 1024 * 1024
+
+
+def on_cpu() -> bool:
+    return _ON_CPU
+
+
+class LayerNormOp(nn.Cell):
+    """LayerNorm over the last axis, parameters passed in (a cell because the CPU primitive is built once)."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.cpu_op = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps) if on_cpu() else None
+
+    def construct(self, x, weight, bias):
+        if self.cpu_op is None:
+            return mint.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
+        return self.cpu_op(x, weight, bias)[0]
+
+
+def group_norm(x, num_groups: int, weight, bias, eps: float):
+    if not on_cpu():
+        return mint.nn.functional.group_norm(x, num_groups, weight, bias, eps)
+    return ops.group_norm(x, num_groups, weight, bias, eps)
+
+
+def gelu(x, approximate: str = "none"):
+    if not on_cpu():
+        return mint.nn.functional.gelu(x, approximate=approximate)
+    return ops.gelu(x, approximate=approximate)
+
+
+def silu(x):
+    return mint.nn.functional.silu(x)
+
+
+def dropout(x, p: float, training: bool):
+    if not training or p == 0.0:
+        return x
+    if not on_cpu():
+        return mint.nn.functional.dropout(x, p, training=True)
+    return ops.dropout(x, p)
+
+
+def linear(x, weight, bias=None):
+    return mint.nn.functional.linear(x, weight, bias)
+
+
+def pad(x, padding):
+    """Zero padding, `padding` as (left, right, top, bottom) for the last two axes."""
+    if not on_cpu():
+        return mint.nn.functional.pad(x, padding)
+    return ops.pad(x, padding)
+
+
+def conv2d(x, weight, bias, stride: int = 1, padding: int = 0):
+    """2-D convolution, NCHW, square kernel, zero padding."""
+    if not on_cpu():
+        return mint.nn.functional.conv2d(x, weight, bias, stride, padding)
+    return _conv2d_as_matmul(x, weight, bias, stride, padding)
+
+
+def _conv2d_as_matmul(x, weight, bias, stride, padding):
+    batch, channels, height, width = x.shape
+    out_channels, _, kernel, _ = weight.shape
+    out_h = (height + 2 * padding - kernel) // stride + 1
+    out_w = (width + 2 * padding - kernel) // stride + 1
+    if kernel == 1 and stride == 1 and padding == 0:
+        y = mint.matmul(weight.reshape(out_channels, channels), x.reshape(batch, channels, height * width))
+    else:
+        if padding:
+            x = ops.pad(x, (padding, padding, padding, padding))
+        kernel_matrix = weight.reshape(out_channels, channels * kernel * kernel)
+        bytes_per_row = batch * channels * kernel * kernel * out_w * x.itemsize
+        rows_per_band = max(1, min(out_h, _MAX_UNFOLD_BYTES // max(bytes_per_row, 1)))
+        bands = []
+        for row in range(0, out_h, rows_per_band):
+            rows = min(rows_per_band, out_h - row)
+            band = x[:, :, row * stride : (row + rows - 1) * stride + kernel, :]
+            columns = ops.unfold(band, kernel, stride=stride)
+            bands.append(mint.matmul(kernel_matrix, columns).reshape(batch, out_channels, rows, out_w))
+        y = bands[0] if len(bands) == 1 else mint.cat(bands, dim=2)
+    y = y.reshape(batch, out_channels, out_h, out_w)
+    if bias is not None:
+        y = y + bias.reshape(1, out_channels, 1, 1)
+    return y
+
+
+def attention(q, k, v):
+    """Scaled dot-product attention on [batch, heads, tokens, head_dim] tensors."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = mint.matmul(q * scale, k.swapaxes(-1, -2))
+    return mint.matmul(mint.softmax(scores, dim=-1), v)
+
+
+def adapt_mindone_text_encoder(text_encoder):
+    """mindone's GELUActivation calls mint's GELU, which has no CPU kernel; point it at ops.gelu on CPU."""
+    if not on_cpu():
+        return text_encoder
+    from mindone.transformers.activations import GELUActivation
+
+    for _, cell in text_encoder.cells_and_names():
+        if isinstance(cell, GELUActivation):
+            cell.act = ops.gelu
+    return text_encoder

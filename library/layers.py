@@ -1,0 +1,120 @@
+"""Parameter-holding building blocks shared by the UNet and the VAE, named as in PyTorch (weight, bias).
+
+Weights may be stored in a lower precision than the activations (frozen base weights in fp16/bf16 save
+half the memory); each layer casts its weight to the input's dtype before computing.
+"""
+
+import math
+from contextlib import contextmanager
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, mint, nn
+
+from library import backend
+
+
+_init_state = {"rng": np.random.default_rng(0), "skip": False}
+
+
+@contextmanager
+def weight_init(seed: int = 0, skip: bool = False):
+    """Seed the random initialisation of layers built inside; `skip=True` builds zeros (a checkpoint follows)."""
+    saved = dict(_init_state)
+    _init_state.update(rng=np.random.default_rng(seed), skip=skip)
+    try:
+        yield
+    finally:
+        _init_state.update(saved)
+
+
+def _uniform(shape, bound):
+    if _init_state["skip"]:
+        return Tensor(np.zeros(shape, np.float32))
+    return Tensor(_init_state["rng"].uniform(-bound, bound, size=shape).astype(np.float32))
+
+
+def _cast(weight, like):
+    return weight if weight.dtype == like.dtype else weight.astype(like.dtype)
+
+
+class Linear(nn.Cell):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = Parameter(_uniform((out_features, in_features), bound), name="weight")
+        self.bias = Parameter(_uniform((out_features,), bound), name="bias") if bias else None
+
+    def construct(self, x):
+        bias = None if self.bias is None else _cast(self.bias, x)
+        return backend.linear(x, _cast(self.weight, x), bias)
+
+
+class Conv2d(nn.Cell):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        shape = (out_channels, in_channels, kernel_size, kernel_size)
+        self.weight = Parameter(_uniform(shape, bound), name="weight")
+        self.bias = Parameter(_uniform((out_channels,), bound), name="bias")
+
+    def construct(self, x):
+        return backend.conv2d(x, _cast(self.weight, x), _cast(self.bias, x), self.stride, self.padding)
+
+
+class GroupNorm(nn.Cell):
+    def __init__(self, num_groups: int, num_channels: int, eps: float):
+        super().__init__()
+        self.num_groups, self.eps = num_groups, eps
+        self.weight = Parameter(Tensor(np.ones(num_channels, np.float32)), name="weight")
+        self.bias = Parameter(Tensor(np.zeros(num_channels, np.float32)), name="bias")
+
+    def construct(self, x):
+        return backend.group_norm(x, self.num_groups, _cast(self.weight, x), _cast(self.bias, x), self.eps)
+
+
+class LayerNorm(nn.Cell):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = Parameter(Tensor(np.ones(dim, np.float32)), name="weight")
+        self.bias = Parameter(Tensor(np.zeros(dim, np.float32)), name="bias")
+        self.norm = backend.LayerNormOp(eps)
+
+    def construct(self, x):
+        return self.norm(x, _cast(self.weight, x), _cast(self.bias, x))
+
+
+class SiLU(nn.Cell):
+    def construct(self, x):
+        return backend.silu(x)
+
+
+class Dropout(nn.Cell):
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def construct(self, x):
+        return backend.dropout(x, self.p, self.training)
+
+
+class Identity(nn.Cell):
+    def construct(self, x):
+        return x
+
+
+class SinusoidalEmbedding(nn.Cell):
+    """SGM's timestep embedding: [cos(v * f), sin(v * f)] with f = 10000^(-i/half), i < half."""
+
+    def __init__(self, dim: int, max_period: float = 10000.0):
+        super().__init__()
+        half = dim // 2
+        self.freqs = Tensor(np.exp(-math.log(max_period) * np.arange(half, dtype=np.float32) / half).reshape(1, -1))
+
+    def construct(self, values):
+        args = values.astype(ms.float32).reshape(-1, 1) * self.freqs
+        return mint.cat((mint.cos(args), mint.sin(args)), dim=-1)
