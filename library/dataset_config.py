@@ -6,7 +6,8 @@ JSON with `[general]`, `[[datasets]]`, `[[datasets.subsets]]`), or builds the sa
 returns fully resolved, validated settings. Nothing here touches images.
 
 Precedence is sd-scripts': a subset value comes from the subset table, then its dataset, then
-`[general]`, then the command line (its defaults included); dataset values skip the subset level.
+`[general]`, then the command line (its defaults included, so `args` must come from a parser set up
+by add_dataset_arguments); dataset values skip the subset level.
 
 Every option sd-scripts accepts at each level is accepted here or refused by name; unknown keys,
 keys at the wrong level and wrong types are errors naming the key, the table and the file, like
@@ -134,17 +135,6 @@ REFUSED_OPTIONS = {
 
 # command-line names that differ from the config names
 CLI_TO_CONFIG_NAME = {"train_batch_size": "batch_size", "dataset_repeats": "num_repeats"}
-
-# values of options that have no command-line argument (sd-scripts' *Params dataclass defaults)
-DEFAULTS = {
-    "is_reg": False,
-    "class_tokens": None,
-    "custom_attributes": None,
-    "network_multiplier": 1.0,
-    "metadata_file": None,
-    "image_dir": None,
-}
-
 
 def load_dataset_configs(args: argparse.Namespace, sdxl: bool = True) -> List[DatasetConfig]:
     cli = command_line_values(args)
@@ -357,7 +347,7 @@ def resolve_dataset(table: dict, general: dict, cli: dict, sdxl: bool, where: st
     kind = dataset_kind(subset_tables, where)
 
     def lookup(key: str, *tables: dict):
-        for candidate in (*tables, table, general, cli, DEFAULTS):
+        for candidate in (*tables, table, general, cli):
             value = candidate.get(key)
             if value is not None:
                 return value
@@ -380,7 +370,6 @@ def resolve_dataset(table: dict, general: dict, cli: dict, sdxl: bool, where: st
         resolve_subset(kind, subset_table, subset_where, lookup)
         for subset_table, subset_where in zip(subset_tables, subset_wheres)
     ]
-    prior_loss_weight = lookup("prior_loss_weight")
     return DatasetConfig(
         kind=kind,
         source=where,
@@ -392,7 +381,7 @@ def resolve_dataset(table: dict, general: dict, cli: dict, sdxl: bool, where: st
         bucket_reso_steps=steps if enable_bucket else None,
         bucket_no_upscale=bool(lookup("bucket_no_upscale")) if enable_bucket else False,
         resize_interpolation=lookup("resize_interpolation"),
-        prior_loss_weight=float(1.0 if prior_loss_weight is None else prior_loss_weight),
+        prior_loss_weight=float(lookup("prior_loss_weight")),
         subsets=drop_duplicate_subsets(subsets),
     )
 
@@ -419,24 +408,24 @@ def resolve_subset(kind: str, table: dict, where: str, dataset_lookup) -> Subset
     if num_repeats < 1:
         raise UserError(f"num_repeats must be at least 1 in {where}, got {num_repeats}")
 
-    caption_extension = lookup("caption_extension") or ""
+    caption_extension = lookup("caption_extension")
     if caption_extension and not caption_extension.startswith("."):
         caption_extension = "." + caption_extension
 
     captions = CaptionOptions(
         caption_prefix=lookup("caption_prefix"),
         caption_suffix=lookup("caption_suffix"),
-        shuffle_caption=bool(lookup("shuffle_caption")),
-        keep_tokens=lookup("keep_tokens") or 0,
-        keep_tokens_separator=lookup("keep_tokens_separator") or "",
-        caption_separator=lookup("caption_separator") or ",",
+        shuffle_caption=lookup("shuffle_caption"),
+        keep_tokens=lookup("keep_tokens"),
+        keep_tokens_separator=lookup("keep_tokens_separator"),
+        caption_separator=lookup("caption_separator"),
         secondary_separator=lookup("secondary_separator"),
-        enable_wildcard=bool(lookup("enable_wildcard")),
-        caption_dropout_rate=float(lookup("caption_dropout_rate") or 0.0),
-        caption_dropout_every_n_epochs=lookup("caption_dropout_every_n_epochs") or 0,
-        caption_tag_dropout_rate=float(lookup("caption_tag_dropout_rate") or 0.0),
-        token_warmup_min=lookup("token_warmup_min") if lookup("token_warmup_min") is not None else 1,
-        token_warmup_step=lookup("token_warmup_step") or 0,
+        enable_wildcard=lookup("enable_wildcard"),
+        caption_dropout_rate=float(lookup("caption_dropout_rate")),
+        caption_dropout_every_n_epochs=lookup("caption_dropout_every_n_epochs"),
+        caption_tag_dropout_rate=float(lookup("caption_tag_dropout_rate")),
+        token_warmup_min=lookup("token_warmup_min"),
+        token_warmup_step=lookup("token_warmup_step"),
     )
     # image_dir and metadata_file are subset-only: never inherited from the command line
     return SubsetConfig(
@@ -448,11 +437,11 @@ def resolve_subset(kind: str, table: dict, where: str, dataset_lookup) -> Subset
         class_tokens=lookup("class_tokens") if kind == DREAMBOOTH else None,
         caption_extension=caption_extension,
         cache_info=bool(lookup("cache_info")) if kind == DREAMBOOTH else False,
-        alpha_mask=bool(lookup("alpha_mask")),
+        alpha_mask=lookup("alpha_mask"),
         num_repeats=num_repeats,
-        color_aug=bool(lookup("color_aug")),
-        flip_aug=bool(lookup("flip_aug")),
-        random_crop=bool(lookup("random_crop")),
+        color_aug=lookup("color_aug"),
+        flip_aug=lookup("flip_aug"),
+        random_crop=lookup("random_crop"),
         resize_interpolation=lookup("resize_interpolation"),
         custom_attributes=dict(lookup("custom_attributes") or {}),
         captions=captions,

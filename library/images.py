@@ -78,7 +78,7 @@ def load_image(path: str, keep_alpha: bool = False) -> np.ndarray:
     """
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)
             if keep_alpha:
                 image = image.convert("RGBA")
             elif has_transparency(image):
@@ -154,10 +154,16 @@ def color_augment(image: np.ndarray, rng: random.Random) -> np.ndarray:
     return np.clip(image**gamma, 0, 255).astype(np.uint8)
 
 
+# ToTensor + Normalize(0.5, 0.5) for each uint8 value, in float32 exactly as torchvision computes it
+_UINT8_TO_UNIT = (np.arange(256, dtype=np.float32) / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
+
+
 def to_model_input(image: np.ndarray) -> np.ndarray:
-    """uint8 HxWx3 -> float32 3xHxW in [-1, 1] (ToTensor + Normalize(0.5, 0.5))."""
-    scaled = image.astype(np.float32) / np.float32(255.0)
-    return np.ascontiguousarray(((scaled - np.float32(0.5)) / np.float32(0.5)).transpose(2, 0, 1))
+    """uint8 HxWx3 -> float32 3xHxW in [-1, 1]. OpenCV's table lookup gives the same values about
+    three times faster than the float arithmetic (it matters: this runs on every image, every step)."""
+    planes = np.ascontiguousarray(image.transpose(2, 0, 1))
+    channels, height, width = planes.shape
+    return cv2.LUT(planes.reshape(channels * height, width), _UINT8_TO_UNIT).reshape(channels, height, width)
 
 
 def sdxl_size_condition(original_size, crop_box, target_size, flipped: bool):

@@ -34,7 +34,6 @@ import random
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -235,6 +234,7 @@ class DatasetGroup:
         self.gradient_accumulation_steps = 1
         self._metadata: dict = {}
         self._executor: Optional[ThreadPoolExecutor] = None
+        self._epoch_orders: Dict[int, Tuple[BatchRef, ...]] = {}
 
     @property
     def num_batches_per_epoch(self) -> int:
@@ -253,9 +253,10 @@ class DatasetGroup:
                 yield dataset, item
 
     def batches_for_epoch(self, epoch: int) -> List[BatchRef]:
-        return list(self._epoch_order(epoch))
+        if epoch not in self._epoch_orders:
+            self._epoch_orders = {epoch: self._epoch_order(epoch)}  # keep only the current epoch's
+        return list(self._epoch_orders[epoch])
 
-    @lru_cache(maxsize=2)
     def _epoch_order(self, epoch: int) -> Tuple[BatchRef, ...]:
         # shuffle slots within each bucket, cut into batches, then shuffle the batches of all datasets
         rng = random.Random(f"{self.seed}/epoch/{epoch}")
@@ -324,44 +325,58 @@ class DatasetGroup:
 
     def _load_row(self, dataset: TrainDataset, slot: int, epoch: int, step: int) -> "Row":
         item = dataset.items[dataset.slot_items[slot]]
-        subset = item.subset
         image_rng = self._rng(epoch, dataset.index, slot, "image")
-        flipped = subset.flip_aug and image_rng.random() < 0.5
-
+        flipped = item.subset.flip_aug and image_rng.random() < 0.5
         if item.latents is not None or item.latents_npz is not None:
-            cached = item.latents if item.latents is not None else load_latents_npz(item.latents_npz)
-            if flipped and cached.latents_flipped is None:
-                raise UserError(f"{item.latents_npz} has no latents_flipped for flip_aug; rebuild it (drop --skip_cache_check)")
-            latents = cached.latents_flipped if flipped else cached.latents
-            alpha_mask = cached.alpha_mask if subset.alpha_mask else None
-            if flipped and alpha_mask is not None:
-                alpha_mask = alpha_mask[:, ::-1].copy()
-            image, original_size, crop_box = None, cached.original_size, cached.crop_ltrb
-            target_size = (latents.shape[2] * 8, latents.shape[1] * 8)
+            pixels = cached_latents_row(item, flipped)
         else:
-            pixels = load_image(item.path, keep_alpha=subset.alpha_mask)
-            crop_rng = image_rng if subset.random_crop else None
-            pixels, original_size, crop_box = fit_to_bucket(
-                pixels, item.bucket_reso, item.resized_size, item.resize_interpolation, crop_rng
-            )
-            if subset.color_aug:
-                pixels = pixels.copy()
-                pixels[:, :, :3] = color_augment(np.ascontiguousarray(pixels[:, :, :3]), image_rng)
-            if flipped:
-                pixels = pixels[:, ::-1]
-            alpha_mask = pixels[:, :, 3].astype(np.float32) / np.float32(255.0) if subset.alpha_mask else None
-            image, latents = to_model_input(pixels[:, :, :3]), None
-            target_size = item.bucket_reso
+            pixels = image_row(item, flipped, image_rng)
 
         caption_rng = self._rng(epoch, dataset.index, slot, "caption")
-        caption = process_caption(item.caption, subset.captions, caption_rng, epoch, step, self.max_train_steps)
+        caption = process_caption(item.caption, item.subset.captions, caption_rng, epoch, step, self.max_train_steps)
         te_outputs = item.text_encoder_outputs
         if te_outputs is None and item.text_encoder_outputs_npz is not None:
             te_outputs = load_text_encoder_outputs_npz(item.text_encoder_outputs_npz)
         return Row(
-            item, image, latents, alpha_mask, caption, flipped, te_outputs,
-            *sdxl_size_condition(original_size, crop_box, target_size, flipped),
+            item, pixels.image, pixels.latents, pixels.alpha_mask, caption, flipped, te_outputs,
+            *sdxl_size_condition(pixels.original_size, pixels.crop_box, pixels.target_size, flipped),
         )
+
+
+class PixelRow(NamedTuple):
+    image: Optional[np.ndarray]
+    latents: Optional[np.ndarray]
+    alpha_mask: Optional[np.ndarray]
+    original_size: Tuple[int, int]
+    crop_box: tuple
+    target_size: Tuple[int, int]
+
+
+def image_row(item: ImageItem, flipped: bool, rng: random.Random) -> PixelRow:
+    """Load, resize, crop, augment and flip an image, in sd-scripts' order of random draws."""
+    subset = item.subset
+    pixels = load_image(item.path, keep_alpha=subset.alpha_mask)
+    crop_rng = rng if subset.random_crop else None
+    pixels, original_size, crop_box = fit_to_bucket(pixels, item.bucket_reso, item.resized_size, item.resize_interpolation, crop_rng)
+    if subset.color_aug:
+        pixels = pixels.copy()
+        pixels[:, :, :3] = color_augment(np.ascontiguousarray(pixels[:, :, :3]), rng)
+    if flipped:
+        pixels = pixels[:, ::-1]
+    alpha_mask = pixels[:, :, 3].astype(np.float32) / np.float32(255.0) if subset.alpha_mask else None
+    return PixelRow(to_model_input(pixels[:, :, :3]), None, alpha_mask, original_size, crop_box, item.bucket_reso)
+
+
+def cached_latents_row(item: ImageItem, flipped: bool) -> PixelRow:
+    cached = item.latents if item.latents is not None else load_latents_npz(item.latents_npz)
+    if flipped and cached.latents_flipped is None:
+        raise UserError(f"{item.latents_npz} has no latents_flipped for flip_aug; rebuild it (drop --skip_cache_check)")
+    latents = cached.latents_flipped if flipped else cached.latents
+    alpha_mask = cached.alpha_mask if item.subset.alpha_mask else None
+    if flipped and alpha_mask is not None:
+        alpha_mask = alpha_mask[:, ::-1].copy()
+    target_size = (latents.shape[2] * 8, latents.shape[1] * 8)
+    return PixelRow(None, latents, alpha_mask, cached.original_size, cached.crop_ltrb, target_size)
 
 
 class Row(NamedTuple):
