@@ -55,6 +55,10 @@ class GroupedOptimizer(nn.Cell):
         self.step_count = Parameter(Tensor(0, ms.int32), name="optimizer_step", requires_grad=False)
         self.hyper_map = ops.HyperMap()
 
+    def update_parameters_name(self, prefix="", recurse=True):
+        """Keep the state names as created: a parent Cell (TrainStep) would otherwise prefix them with its attribute
+        name, and a --save_state checkpoint would not load into an optimizer that is not yet attached."""
+
     def set_learning_rates(self, lrs):
         """Set each group's learning rate for the coming optimizer steps (host side, between steps)."""
         if len(lrs) != len(self.group_lrs):
