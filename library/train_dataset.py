@@ -253,6 +253,8 @@ class DatasetGroup:
                 yield dataset, item
 
     def batches_for_epoch(self, epoch: int) -> List[BatchRef]:
+        if epoch < 1:
+            raise ValueError(f"epochs count from 1, as in sd-scripts (caption_dropout_every_n_epochs depends on it), got {epoch}")
         if epoch not in self._epoch_orders:
             self._epoch_orders = {epoch: self._epoch_order(epoch)}  # keep only the current epoch's
         return list(self._epoch_orders[epoch])
@@ -271,6 +273,8 @@ class DatasetGroup:
         return tuple(BatchRef(position, *batch) for position, batch in enumerate(batches))
 
     def load_batch(self, ref: BatchRef, epoch: int) -> Batch:
+        if epoch < 1:
+            raise ValueError(f"epochs count from 1, as in sd-scripts, got {epoch}")
         dataset = self.datasets[ref.dataset_index]
         batches_done = (epoch - 1) * self.num_batches_per_epoch + ref.position
         step = batches_done // self.gradient_accumulation_steps

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -173,6 +174,14 @@ def test_epoch_order_is_a_pure_function_of_seed_and_epoch(mixed_dataset):
         slots = [(ref.dataset_index, slot) for ref in first.batches_for_epoch(epoch) for slot in ref.slots]
         everything = [(d.index, s) for d in first.datasets for s in range(len(d.slot_items))]
         assert sorted(slots) == sorted(everything)
+
+
+def test_epochs_count_from_one(mixed_dataset):
+    group = build_dataset_group(mixed_dataset)
+    with pytest.raises(ValueError, match="count from 1"):
+        group.batches_for_epoch(0)
+    with pytest.raises(ValueError, match="count from 1"):
+        group.load_batch(group.batches_for_epoch(1)[0], 0)
 
 
 def test_batches_are_reproducible_and_resumable(mixed_dataset):
@@ -397,3 +406,40 @@ def test_text_encoder_cache_needs_unet_only_and_fixed_captions(tmp_path):
         build_dataset_group(args)
     args.shuffle_caption = False
     assert build_dataset_group(args).num_train_images == 1
+
+
+def test_loading_runs_ahead_in_background_threads(mixed_dataset):
+    group = build_dataset_group(mixed_dataset)
+    load = group.load_batch
+    second_started, threads = threading.Event(), []
+
+    def recording_load(ref, epoch):
+        threads.append(threading.current_thread())
+        if ref.position == 1:
+            second_started.set()
+        return load(ref, epoch)
+
+    group.load_batch = recording_load
+    batches = group.iter_epoch(1, num_workers=2)
+    next(batches)
+    assert second_started.wait(timeout=10)  # the next batch loads while this one is being used
+    assert threading.main_thread() not in threads
+    batches.close()
+
+
+def test_persistent_workers_are_reused_across_epochs(mixed_dataset):
+    mixed_dataset.persistent_data_loader_workers = True
+    group = build_dataset_group(mixed_dataset)
+    load, threads_by_epoch = group.load_batch, {1: set(), 2: set()}
+
+    def recording_load(ref, epoch):
+        threads_by_epoch[epoch].add(threading.current_thread())
+        return load(ref, epoch)
+
+    group.load_batch = recording_load
+    for epoch in (1, 2):
+        for _ in group.iter_epoch(epoch, num_workers=2):
+            pass
+    assert threads_by_epoch[2] <= threads_by_epoch[1]
+    group.close()
+    assert not any(thread.is_alive() for thread in threads_by_epoch[1])
