@@ -440,6 +440,12 @@ def stack_outputs(outputs: List[Optional[Tuple[np.ndarray, ...]]]) -> Optional[T
 
 
 def build_dataset_group(args: argparse.Namespace, sdxl: bool = True) -> DatasetGroup:
+    """Everything that can be wrong with the data is a UserError from here, before any model loads.
+
+    Reads `args.seed` (a random seed, kept in `group.seed`, when it is None), and, from the
+    trainer's own arguments when present, `cache_text_encoder_outputs[_to_disk]` and
+    `network_train_unet_only` to refuse what sd-scripts refuses with cached text encoder outputs.
+    """
     refuse_unsupported_arguments(args)
     check_loader_arguments(args)
     configs = load_dataset_configs(args, sdxl)
