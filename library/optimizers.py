@@ -93,6 +93,8 @@ def _check_param_groups(param_groups):
         unknown = set(group) - {"params", "lr"}
         if unknown:
             raise ValueError(f"parameter group keys must be 'params' and 'lr', got {sorted(unknown)}")
+        if not group["params"]:
+            raise ValueError("a parameter group has no parameters")
         for param in group["params"]:
             if not isinstance(param, Parameter):
                 raise ValueError(f"parameter groups must hold Parameters, got {type(param).__name__}")
@@ -320,6 +322,7 @@ class Adafactor(GroupedOptimizer):
         self.relative_step = bool(relative_step)
         self.warmup_init = bool(warmup_init)
 
+        object.__setattr__(self, "group_first_params", ParameterTuple(group["params"][0] for group in param_groups))
         param_states = [self._new_state(param) for param in self.parameters]
         self.state_tensors = ParameterTuple(tensor for state in param_states for tensor in state)
         # The same Parameters grouped per model parameter, for the update; registered once above.
@@ -343,6 +346,8 @@ class Adafactor(GroupedOptimizer):
         beta2t = 1.0 - ops.pow(step, self.decay_rate)
         min_step = 1e-6 * step if self.warmup_init else 1e-2
         relative_step_size = ops.minimum(ops.rsqrt(step), min_step)
+        if self.relative_step:
+            self._record_group_lrs(relative_step_size)
         update = ops.partial(
             _adafactor_update,
             self.relative_step,
@@ -356,6 +361,15 @@ class Adafactor(GroupedOptimizer):
             relative_step_size,
         )
         return self.hyper_map(update, self.param_lrs, self.parameters, grads, self.param_states)
+
+    def _record_group_lrs(self, relative_step_size):
+        """With relative_step the group lrs are not inputs; they receive the learning rate each group's first
+        parameter is about to use, which is what transformers' AdafactorSchedule reports for logging."""
+        for group_lr, first_param in zip(self.group_lrs, self.group_first_params):
+            lr = relative_step_size
+            if self.scale_parameter:
+                lr = lr * ops.maximum(_rms(first_param.astype(ms.float32)), self.eps_scale)
+            ops.assign(group_lr, lr)
 
 
 OPTIMIZER_CLASSES = {"adamw": AdamW, "lion": Lion, "sgdnesterov": SGDNesterov, "adafactor": Adafactor}
