@@ -67,7 +67,7 @@ def _describe_mismatch(source: str, what: str, missing, unexpected, wrong_shapes
 def load_into_cell(cell: nn.Cell, tensors: Iterable[Tuple[str, Tuple[int, ...], Callable[[], np.ndarray]]],
                    to_param_name: Callable[[str], str], source: str, what: str) -> None:
     """Assign (name, shape, read) triples to the cell's parameters; all must match exactly, both ways."""
-    params = {p.name: p for p in cell.get_parameters()}
+    params = dict(cell.parameters_and_names())
     seen, unexpected, wrong_shapes = set(), [], []
     pending = []
     for name, shape, read in tensors:
@@ -75,11 +75,12 @@ def load_into_cell(cell: nn.Cell, tensors: Iterable[Tuple[str, Tuple[int, ...], 
         param = params.get(param_name)
         if param is None:
             unexpected.append(name)
-        elif tuple(param.shape) != tuple(shape):
-            wrong_shapes.append(f"{name} {list(shape)} vs {list(param.shape)}")
         else:
             seen.add(param_name)
-            pending.append((param, read))
+            if tuple(param.shape) != tuple(shape):
+                wrong_shapes.append(f"{name} {list(shape)} vs {list(param.shape)}")
+            else:
+                pending.append((param, read))
     missing = [n for n in params if n not in seen and not n.endswith("position_ids")]
     if missing or unexpected or wrong_shapes:
         raise UserError(_describe_mismatch(source, what, missing, unexpected, wrong_shapes))
@@ -267,7 +268,8 @@ def load_sdxl(path: str, vae_path: Optional[str] = None) -> SDXLModels:
 
 
 def cell_state(cell: nn.Cell, rename=lambda n: n) -> Dict[str, np.ndarray]:
-    return {rename(p.name): p.asnumpy() for p in cell.get_parameters()}
+    # Names relative to `cell`: Parameter.name changes when a cell is wrapped by another one.
+    return {rename(name): p.asnumpy() for name, p in cell.parameters_and_names()}
 
 
 def single_file_state(models: SDXLModels) -> Dict[str, np.ndarray]:

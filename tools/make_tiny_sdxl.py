@@ -46,8 +46,8 @@ TINY_TE2 = dict(hidden_size=TE2_HIDDEN, num_layers=2, intermediate_size=256, voc
 def _randomize(cell, rng: np.random.Generator) -> None:
     """Seeded values for every parameter, independent of framework initialisers: norms near 1, small
     biases, weights scaled by 1/sqrt(fan_in) so activations stay in range."""
-    for param in cell.get_parameters():
-        name, shape = param.name, tuple(param.shape)
+    for name, param in cell.parameters_and_names():
+        shape = tuple(param.shape)
         leaf = name.rsplit(".", 1)[-1]
         is_norm = "norm" in name or leaf in ("gamma", "beta")
         if leaf in ("bias", "beta"):

@@ -1,0 +1,91 @@
+"""Each device-specific op in library/backend.py against a numpy reference (on CPU these are the replacements)."""
+
+import numpy as np
+import pytest
+
+import mindspore as ms
+
+from library import backend
+
+
+def _conv_reference(x, w, b, stride, padding):
+    n, c, h, wd = x.shape
+    o, _, k, _ = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    oh, ow = (h + 2 * padding - k) // stride + 1, (wd + 2 * padding - k) // stride + 1
+    out = np.zeros((n, o, oh, ow), np.float64)
+    for i in range(oh):
+        for j in range(ow):
+            patch = xp[:, :, i * stride : i * stride + k, j * stride : j * stride + k]
+            out[:, :, i, j] = np.einsum("nckl,ockl->no", patch, w)
+    return out + b.reshape(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (3, 2, 0), (1, 1, 0)])
+def test_conv2d_matches_direct_convolution(kernel, stride, padding):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 9, 7)).astype(np.float32)
+    w = rng.standard_normal((4, 5, kernel, kernel)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    got = backend.conv2d(ms.Tensor(x), ms.Tensor(w), ms.Tensor(b), stride, padding).asnumpy()
+    np.testing.assert_allclose(got, _conv_reference(x, w, b, stride, padding), rtol=1e-4, atol=1e-4)
+
+
+def test_conv2d_in_row_bands_equals_one_pass(monkeypatch):
+    rng = np.random.default_rng(1)
+    x = ms.Tensor(rng.standard_normal((1, 3, 11, 6)).astype(np.float32))
+    w = ms.Tensor(rng.standard_normal((2, 3, 3, 3)).astype(np.float32))
+    b = ms.Tensor(np.zeros(2, np.float32))
+    whole = backend.conv2d(x, w, b, 2, 1).asnumpy()
+    monkeypatch.setattr(backend, "_MAX_UNFOLD_BYTES", 1)  # one output row per band
+    banded = backend.conv2d(x, w, b, 2, 1).asnumpy()
+    np.testing.assert_allclose(banded, whole, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(whole, _conv_reference(x.asnumpy(), w.asnumpy(), b.asnumpy(), 2, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 8, 3, 3)).astype(np.float32)
+    g, b = rng.standard_normal(8).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    got = backend.group_norm(ms.Tensor(x), 4, ms.Tensor(g), ms.Tensor(b), 1e-5).asnumpy()
+    xg = x.reshape(2, 4, -1)
+    ref = ((xg - xg.mean(-1, keepdims=True)) / np.sqrt(xg.var(-1, keepdims=True) + 1e-5)).reshape(x.shape)
+    np.testing.assert_allclose(got, ref * g.reshape(1, -1, 1, 1) + b.reshape(1, -1, 1, 1), rtol=1e-4, atol=1e-5)
+
+
+def test_layer_norm():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 5, 16)).astype(np.float32)
+    g, b = rng.standard_normal(16).astype(np.float32), rng.standard_normal(16).astype(np.float32)
+    got = backend.LayerNormOp(1e-5)(ms.Tensor(x), ms.Tensor(g), ms.Tensor(b)).asnumpy()
+    ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * g + b
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_gelu_exact_and_tanh():
+    from math import erf
+
+    x = np.linspace(-4, 4, 41).astype(np.float32)
+    exact = np.array([0.5 * v * (1 + erf(v / np.sqrt(2))) for v in x])
+    tanh = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    np.testing.assert_allclose(backend.gelu(ms.Tensor(x)).asnumpy(), exact, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(backend.gelu(ms.Tensor(x), "tanh").asnumpy(), tanh, rtol=1e-4, atol=1e-5)
+
+
+def test_silu_pad_and_dropout():
+    x = np.linspace(-3, 3, 12).astype(np.float32).reshape(1, 1, 3, 4)
+    np.testing.assert_allclose(backend.silu(ms.Tensor(x)).asnumpy(), x / (1 + np.exp(-x)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(backend.pad(ms.Tensor(x), (0, 1, 0, 1)).asnumpy(), np.pad(x, ((0, 0), (0, 0), (0, 1), (0, 1))))
+    np.testing.assert_array_equal(backend.dropout(ms.Tensor(x), 0.5, training=False).asnumpy(), x)
+    dropped = backend.dropout(ms.Tensor(np.ones((1000,), np.float32)), 0.5, training=True).asnumpy()
+    assert set(np.unique(dropped)) <= {0.0, 2.0} and 300 < (dropped == 0).sum() < 700
+
+
+def test_attention():
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.standard_normal((2, 3, 5, 8)).astype(np.float32) for _ in range(3))
+    scores = q @ k.swapaxes(-1, -2) / np.sqrt(8)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    got = backend.attention(ms.Tensor(q), ms.Tensor(k), ms.Tensor(v)).asnumpy()
+    np.testing.assert_allclose(got, weights @ v, rtol=1e-4, atol=1e-5)
