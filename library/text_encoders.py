@@ -14,7 +14,7 @@ from mindspore import mint, nn
 from transformers import CLIPTextConfig
 
 from library import backend
-from library.tokenizers import eos_positions, join_chunked_hidden_states, select_pooled_output
+from library.tokenizers import eos_positions, select_pooled_output
 
 BOS_TOKEN_ID = 49406
 EOS_TOKEN_ID = 49407
@@ -88,9 +88,19 @@ class SDXLTextEncoding(nn.Cell):
         last2 = out2[0]
         pooled_state = mint.bmm(eos_mask2[:, None, :].astype(last2.dtype), last2)[:, 0]
         pooled = self.text_encoder2.text_projection(pooled_state)
-        hidden1 = join_chunked_hidden_states(hidden1, self.n_chunks)
-        hidden2 = join_chunked_hidden_states(hidden2, self.n_chunks)
-        return mint.cat((hidden1, hidden2), dim=-1), select_pooled_output(pooled, self.n_chunks)
+        context = mint.cat((hidden1, hidden2), dim=-1)
+        if self.n_chunks > 1:
+            context = self._join_chunks(context)
+        return context, select_pooled_output(pooled, self.n_chunks)
+
+    def _join_chunks(self, states):
+        """Same rule as `tokenizers.join_chunked_hidden_states`, written with graph-mode ops only."""
+        chunks = states.reshape(-1, self.n_chunks, states.shape[1], states.shape[2])
+        parts = [chunks[:, 0, :1]]
+        for index in range(self.n_chunks):
+            parts.append(chunks[:, index, 1:-1])
+        parts.append(chunks[:, self.n_chunks - 1, -1:])
+        return mint.cat(parts, dim=1)
 
 
 def eos_mask(input_ids: np.ndarray) -> np.ndarray:
