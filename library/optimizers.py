@@ -21,7 +21,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from .errors import UserError
 
-SUPPORTED_OPTIMIZERS = ("AdamW", "Lion", "SGDNesterov", "Adafactor")
+SUPPORTED_OPTIMIZERS = ("AdamW", "Lion", "SGDNesterov", "Adafactor", "Prodigy")
 
 
 class GroupedOptimizer(nn.Cell):
@@ -372,7 +372,170 @@ class Adafactor(GroupedOptimizer):
             ops.assign(group_lr, lr)
 
 
-OPTIMIZER_CLASSES = {"adamw": AdamW, "lion": Lion, "sgdnesterov": SGDNesterov, "adafactor": Adafactor}
+_prodigy_estimate = ops.MultitypeFuncGraph("prodigy_estimate")
+
+
+@_prodigy_estimate.register(
+    "Number", "Number", "Number", "Bool", "Bool", "Number",
+    "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+    "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+)  # fmt: skip
+def _prodigy_estimate_step(
+    beta1, beta2, beta3, coupled_decay, safeguard_warmup, slice_p,
+    weight_decay, d, d0, dlr, active, first_step,
+    param, grad, exp_avg, exp_avg_sq, s, p0,
+):  # fmt: skip
+    """First Prodigy pass over one parameter: its moments and its share of the step-size estimate.
+
+    Returns [numerator contribution, |s| sum]. Nothing is stored while `active` is false (learning rate 0).
+    """
+    weight = param.astype(ms.float32)
+    grad = grad.astype(ms.float32)
+    if coupled_decay:
+        grad = grad + weight * weight_decay
+    sliced_weight = weight.reshape(-1)[::slice_p]
+    # The distance travelled is measured from the weights met at the first call, as prodigyopt does.
+    start = ops.where(first_step, sliced_weight, p0)
+    ops.assign(p0, start)
+    sliced_grad = grad.reshape(-1)[::slice_p]
+    numerator = (d / d0) * dlr * (sliced_grad * (start - sliced_weight)).sum()
+    new_s = s * beta3 + sliced_grad * ((d / d0) * (d if safeguard_warmup else dlr))
+    ops.assign(exp_avg, ops.where(active, exp_avg * beta1 + grad * (d * (1.0 - beta1)), exp_avg))
+    ops.assign(exp_avg_sq, ops.where(active, exp_avg_sq * beta2 + grad * grad * (d * d * (1.0 - beta2)), exp_avg_sq))
+    ops.assign(s, ops.where(active, new_s, s))
+    return ops.stack([numerator, ops.abs(new_s).sum()]) * active.astype(ms.float32)
+
+
+_prodigy_update = ops.MultitypeFuncGraph("prodigy_update")
+
+
+@_prodigy_update.register(
+    "Bool", "Bool", "Number", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor"
+)
+def _prodigy_update_step(
+    use_first_moment, decoupled_decay, eps, weight_decay, d, dlr, take_step, param, grad, exp_avg, exp_avg_sq
+):
+    """Second Prodigy pass: the Adam-like step with the new estimate d, if the step is taken."""
+    weight = param.astype(ms.float32)
+    denom = ops.sqrt(exp_avg_sq) + d * eps
+    if decoupled_decay:
+        weight = weight - weight * (weight_decay * dlr)
+    if use_first_moment:
+        weight = weight - dlr * exp_avg / denom
+    else:
+        grad = grad.astype(ms.float32)
+        if not decoupled_decay:
+            grad = grad + param.astype(ms.float32) * weight_decay
+        weight = weight - (dlr * d) * grad / denom
+    ops.assign(param, ops.where(take_step, weight, param.astype(ms.float32)).astype(param.dtype))
+    return True
+
+
+class Prodigy(GroupedOptimizer):
+    """prodigyopt.Prodigy (1.1.2): Adam whose step size d is estimated from the distance travelled from the start.
+
+    The learning rate (1.0 recommended) scales d; like prodigyopt, all groups must share it. `d` is a Parameter,
+    so d * lr can be logged as sd-scripts does ("lr/d*lr").
+    """
+
+    torch_name = "prodigyopt.prodigy.Prodigy"
+
+    def __init__(
+        self, param_groups, lr=1.0, betas=(0.9, 0.999), beta3=None, eps=1e-8, weight_decay=0, decouple=True,
+        use_bias_correction=False, safeguard_warmup=False, d0=1e-6, d_coef=1.0, growth_rate=math.inf,
+        fsdp_in_use=False, slice_p=1,
+    ):  # fmt: skip
+        super().__init__(param_groups, lr)
+        if len(set(self.base_lrs)) != 1 or not self.base_lrs[0] > 0:
+            raise UserError(
+                f"Prodigy needs one positive learning rate shared by all parameter groups, got {self.base_lrs}; "
+                f"give the U-Net and text encoders the same lr (1.0 is recommended)"
+            )
+        if fsdp_in_use:
+            raise UserError("--optimizer_args fsdp_in_use=True: sharded training is not supported; remove it")
+        if not isinstance(slice_p, int) or slice_p < 1:
+            raise UserError(f"--optimizer_args slice_p={slice_p!r}: must be a positive integer")
+        if not (d0 > 0 and eps > 0 and 0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise UserError("--optimizer_args: Prodigy needs d0 > 0, eps > 0 and betas in [0, 1)")
+        self.beta1, self.beta2 = float(betas[0]), float(betas[1])
+        self.beta3 = math.sqrt(self.beta2) if beta3 is None else float(beta3)
+        self.log_beta1, self.log_beta2 = _log(self.beta1), _log(self.beta2)
+        self.eps = float(eps)
+        self.weight_decay = Tensor(float(weight_decay), ms.float32)
+        self.decouple = bool(decouple)
+        self.use_bias_correction = bool(use_bias_correction)
+        self.safeguard_warmup = bool(safeguard_warmup)
+        self.d0 = Tensor(float(d0), ms.float32)
+        self.d_coef = float(d_coef)
+        self.growth_rate = float(growth_rate)
+        self.slice_p = slice_p
+
+        def scalar(name, value):
+            return Parameter(Tensor(value, ms.float32), name=name, requires_grad=False)
+
+        self.d = scalar("d", float(d0))
+        self.d_max = scalar("d_max", float(d0))
+        self.d_numerator = scalar("d_numerator", 0.0)
+        self.k = scalar("k", 0.0)  # steps actually taken; a skipped step does not count
+        self.exp_avg = ParameterTuple(self._zeros_like_parameters("exp_avg"))
+        self.exp_avg_sq = ParameterTuple(self._zeros_like_parameters("exp_avg_sq"))
+        self.s = ParameterTuple(
+            Parameter(Tensor(np.zeros(_sliced_size(p, slice_p), np.float32)), name=f"s.{p.name}", requires_grad=False)
+            for p in self.parameters
+        )
+        self.p0 = ParameterTuple(
+            Parameter(Tensor(np.zeros(_sliced_size(p, slice_p), np.float32)), name=f"p0.{p.name}", requires_grad=False)
+            for p in self.parameters
+        )
+
+    def set_learning_rates(self, lrs):
+        if len(set(lrs)) > 1:
+            raise ValueError(f"Prodigy takes one learning rate for all groups, got {list(lrs)}")
+        super().set_learning_rates(lrs)
+
+    def construct(self, grads):
+        first_step = self._advance_step() == 1
+        lr = self.group_lrs[0]
+        active = lr > 0
+        d = self.d
+        dlr = d * lr
+        if self.use_bias_correction:
+            next_k = self.k + 1.0
+            dlr = dlr * ops.sqrt(_one_minus_power(self.log_beta2, next_k)) / _one_minus_power(self.log_beta1, next_k)
+        estimate = ops.partial(
+            _prodigy_estimate, self.beta1, self.beta2, self.beta3, not self.decouple, self.safeguard_warmup,
+            self.slice_p, self.weight_decay, d, self.d0, dlr, active, first_step,
+        )  # fmt: skip
+        sums = ops.addn(self.hyper_map(estimate, self.parameters, grads, self.exp_avg, self.exp_avg_sq, self.s, self.p0))
+        d_numerator = self.d_numerator * self.beta3 + sums[0]
+        d_denom = sums[1]
+        # prodigyopt returns early, leaving d, k and the weights alone, when nothing was accumulated.
+        take_step = ops.logical_and(active, d_denom > 0)
+        d_hat = self.d_coef * d_numerator / ops.where(take_step, d_denom, ops.ones_like(d_denom))
+        grown_d = ops.where(d == self.d0, ops.maximum(d, d_hat), d)
+        d_max = ops.maximum(self.d_max, d_hat)
+        new_d = ops.minimum(d_max, grown_d * self.growth_rate)
+        ops.assign(self.d_numerator, ops.where(take_step, d_numerator, self.d_numerator))
+        ops.assign(self.d_max, ops.where(take_step, d_max, self.d_max))
+        ops.assign(self.d, ops.where(take_step, new_d, d))
+        ops.assign(self.k, self.k + take_step.astype(ms.float32))
+        update = ops.partial(
+            _prodigy_update, self.beta1 > 0, self.decouple, self.eps, self.weight_decay, self.d, dlr, take_step
+        )
+        return self.hyper_map(update, self.parameters, grads, self.exp_avg, self.exp_avg_sq)
+
+
+def _sliced_size(param, slice_p):
+    return (int(np.prod(param.shape)) + slice_p - 1) // slice_p
+
+
+OPTIMIZER_CLASSES = {
+    "adamw": AdamW,
+    "lion": Lion,
+    "sgdnesterov": SGDNesterov,
+    "adafactor": Adafactor,
+    "prodigy": Prodigy,
+}
 
 
 def create_optimizer(optimizer_type, param_groups, learning_rate, optimizer_args=None):

@@ -10,6 +10,7 @@ from library.optimizers import (
     Adafactor,
     AdamW,
     Lion,
+    Prodigy,
     SGDNesterov,
     create_optimizer,
     create_optimizer_from_args,
@@ -160,6 +161,52 @@ def adafactor_reference(
     return w
 
 
+def prodigy_reference(
+    weights, steps, lrs, betas=(0.9, 0.999), beta3=None, eps=1e-8, weight_decay=0.0, decouple=True,
+    use_bias_correction=False, safeguard_warmup=False, d0=1e-6, d_coef=1.0, growth_rate=np.inf, slice_p=1,
+):  # fmt: skip
+    """Prodigy (Mishchenko & Defazio) as prodigyopt 1.1.2 runs it; `lrs` is the shared lr of each step.
+    Returns the weights and the final step-size estimate d."""
+    beta1, beta2 = betas
+    beta3 = np.sqrt(beta2) if beta3 is None else beta3
+    w = {k: v.copy() for k, v in weights.items()}
+    m = {k: np.zeros_like(v) for k, v in w.items()}
+    v = {k: np.zeros_like(x) for k, x in w.items()}
+    s = {k: np.zeros_like(x.reshape(-1)[::slice_p]) for k, x in w.items()}
+    start = {k: x.reshape(-1)[::slice_p].copy() for k, x in w.items()}
+    d, d_max, d_numerator, k = d0, d0, 0.0, 0
+    for grads, lr in zip(steps, lrs):
+        correction = np.sqrt(1 - beta2 ** (k + 1)) / (1 - beta1 ** (k + 1)) if use_bias_correction else 1.0
+        dlr = d * lr * correction
+        numerator, denominator = d_numerator * beta3, 0.0
+        effective = {}
+        if lr > 0:
+            for name, g in grads.items():
+                g = g + weight_decay * w[name] if not decouple else g.astype(np.float64)
+                effective[name] = g
+                flat = g.reshape(-1)[::slice_p]
+                numerator += d / d0 * dlr * np.dot(flat, start[name] - w[name].reshape(-1)[::slice_p])
+                m[name] = beta1 * m[name] + d * (1 - beta1) * g
+                v[name] = beta2 * v[name] + d * d * (1 - beta2) * g * g
+                s[name] = beta3 * s[name] + d / d0 * (d if safeguard_warmup else dlr) * flat
+                denominator += np.abs(s[name]).sum()
+        if denominator == 0:
+            continue
+        d_hat = d_coef * numerator / denominator
+        if d == d0:
+            d = max(d, d_hat)
+        d_max = max(d_max, d_hat)
+        d = min(d_max, d * growth_rate)
+        d_numerator = numerator
+        for name in w:
+            root = np.sqrt(v[name]) + d * eps
+            if decouple:
+                w[name] = w[name] - weight_decay * dlr * w[name]
+            w[name] = w[name] - (dlr * m[name] if beta1 > 0 else dlr * d * effective[name]) / root
+        k += 1
+    return w, d
+
+
 MODES = ["pynative", "graph"]
 
 
@@ -279,6 +326,7 @@ OPTIMIZER_FACTORIES = {
     "Lion": lambda groups: Lion(groups, weight_decay=0.1),
     "SGDNesterov": lambda groups: SGDNesterov(groups, weight_decay=0.1),
     "Adafactor": lambda groups: Adafactor(groups, lr=1e-2, relative_step=False, beta1=0.9),
+    "Prodigy": lambda groups: Prodigy([dict(group, lr=1e-2) for group in groups], d0=1e-2),
 }
 
 
@@ -286,13 +334,14 @@ OPTIMIZER_FACTORIES = {
 def test_resuming_from_a_checkpoint_continues_bit_identically(tmp_path, optimizer_type):
     make_optimizer = OPTIMIZER_FACTORIES[optimizer_type]
     steps = gradient_steps(4)
+    shared_lrs = [(lr, lr) for lr, _ in GROUP_LRS]  # Prodigy wants one lr for all groups
 
     uninterrupted = Toy()
-    run(make_optimizer(uninterrupted.groups()), steps, "graph")
+    run(make_optimizer(uninterrupted.groups()), steps, "graph", group_lrs=shared_lrs)
 
     interrupted = Toy()
     optimizer = make_optimizer(interrupted.groups())
-    run(optimizer, steps[:2], "graph")
+    run(optimizer, steps[:2], "graph", group_lrs=shared_lrs)
     ms.save_checkpoint(optimizer, str(tmp_path / "optimizer.ckpt"))
     ms.save_checkpoint(interrupted, str(tmp_path / "model.ckpt"))
 
@@ -302,7 +351,7 @@ def test_resuming_from_a_checkpoint_continues_bit_identically(tmp_path, optimize
     not_loaded, unused = ms.load_param_into_net(resumed_optimizer, ms.load_checkpoint(str(tmp_path / "optimizer.ckpt")))
     assert not_loaded == [] and unused == []
     assert int(resumed_optimizer.step_count.asnumpy()) == 2
-    run(resumed_optimizer, steps[2:], "graph", group_lrs=GROUP_LRS[2:])
+    run(resumed_optimizer, steps[2:], "graph", group_lrs=shared_lrs[2:])
 
     for name in SHAPES:
         np.testing.assert_array_equal(getattr(resumed, name).asnumpy(), getattr(uninterrupted, name).asnumpy())
@@ -365,13 +414,13 @@ def test_adafactor_relative_step_ignores_learning_rates_and_warmup_init_forces_i
 @pytest.mark.parametrize(
     "optimizer_type",
     ["AdamW8bit", "PagedAdamW8bit", "Lion8bit", "SGDNesterov8bit", "PagedAdamW", "DAdaptation", "DAdaptAdam",
-     "Prodigy", "AdamWScheduleFree", "Adam", "bitsandbytes.optim.AdEMAMix8bit"],
+     "AdamWScheduleFree", "Adam", "bitsandbytes.optim.AdEMAMix8bit"],
 )  # fmt: skip
 def test_unsupported_optimizer_types_are_refused_by_name(optimizer_type):
     with pytest.raises(UserError) as error:
         create_optimizer(optimizer_type, toy_groups(), 1e-4, None)
     message = str(error.value)
-    assert optimizer_type in message and "AdamW, Lion, SGDNesterov, Adafactor" in message
+    assert optimizer_type in message and "AdamW, Lion, SGDNesterov, Adafactor, Prodigy" in message
     assert "\n" not in message
 
 
@@ -436,3 +485,54 @@ def test_adafactor_relative_step_rewrites_args_as_sd_scripts_does():
     args = sd_scripts_args(optimizer_type="Adafactor", optimizer_args=["relative_step=False"])
     create_optimizer_from_args(args, toy_groups())
     assert (args.lr_scheduler, args.learning_rate, args.unet_lr) == ("constant", 1e-4, 1e-2)
+
+
+# Prodigy: all groups share one lr; a first warmup step at lr 0 is skipped entirely. Gradients that keep their
+# direction make the step-size estimate d grow, which is the part worth checking.
+PRODIGY_LRS = [0.0, 1.0, 0.5, 1.0]
+
+
+def steady_gradient_steps(count):
+    return [gradient_steps(1)[0]] * count
+
+
+def prodigy_groups(model):
+    return [{"params": [model.matrix, model.bias], "lr": 1.0}, {"params": [model.conv], "lr": 1.0}]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_prodigy_matches_reference(mode):
+    model = Toy()
+    initial = model.weights()
+    steps = steady_gradient_steps(4)
+    optimizer = Prodigy(prodigy_groups(model), weight_decay=0.01, d0=1e-3)
+    run(optimizer, steps, mode, group_lrs=[(lr, lr) for lr in PRODIGY_LRS])
+    expected, expected_d = prodigy_reference(initial, steps, PRODIGY_LRS, weight_decay=0.01, d0=1e-3)
+    assert_updates_match(model, initial, expected)
+    # d comes from dot products with (start - weights), a float32 difference of nearby numbers: ~1e-4 relative.
+    assert float(optimizer.d.asnumpy()) == pytest.approx(expected_d, rel=1e-4)
+    assert expected_d > 1e-3  # the estimate grew, so the test exercises it
+    assert float(optimizer.k.asnumpy()) == 3  # the lr-0 step was not taken
+
+
+def test_prodigy_options_match_reference():
+    model = Toy()
+    initial = model.weights()
+    steps = steady_gradient_steps(4)
+    options = dict(
+        betas=(0.0, 0.99), beta3=0.9, weight_decay=0.1, decouple=False, use_bias_correction=True,
+        safeguard_warmup=True, d0=1e-2, d_coef=20.0, growth_rate=1.5, slice_p=2,
+    )  # fmt: skip
+    optimizer = Prodigy(prodigy_groups(model), **options)
+    run(optimizer, steps, "pynative", group_lrs=[(lr, lr) for lr in PRODIGY_LRS])
+    expected, expected_d = prodigy_reference(initial, steps, PRODIGY_LRS, **options)
+    assert_updates_match(model, initial, expected)
+    assert float(optimizer.d.asnumpy()) == pytest.approx(expected_d, rel=1e-4)
+    assert expected_d > 1e-2
+
+
+def test_prodigy_refuses_different_group_lrs():
+    with pytest.raises(UserError, match="same lr"):
+        create_optimizer("Prodigy", toy_groups(), 1.0, None)
+    optimizer, name, args_str = create_optimizer("prodigy", [{"params": toy_groups()[0]["params"]}], 1.0, ["d_coef=0.5"])
+    assert (type(optimizer), name, args_str) == (Prodigy, "prodigyopt.prodigy.Prodigy", "d_coef=0.5")
