@@ -506,7 +506,8 @@ class Prodigy(GroupedOptimizer):
             _prodigy_estimate, self.beta1, self.beta2, self.beta3, not self.decouple, self.safeguard_warmup,
             self.slice_p, self.weight_decay, d, self.d0, dlr, active, first_step,
         )  # fmt: skip
-        sums = ops.addn(self.hyper_map(estimate, self.parameters, grads, self.exp_avg, self.exp_avg_sq, self.s, self.p0))
+        contributions = self.hyper_map(estimate, self.parameters, grads, self.exp_avg, self.exp_avg_sq, self.s, self.p0)
+        sums = ops.addn(contributions)
         d_numerator = self.d_numerator * self.beta3 + sums[0]
         d_denom = sums[1]
         # prodigyopt returns early, leaving d, k and the weights alone, when nothing was accumulated.

@@ -162,22 +162,28 @@ def test_several_processes_advance_the_schedule_per_process():
 
 
 @pytest.mark.parametrize(
-    "argv, step, multiplier",
+    "command_line, step, multiplier",
     [
-        (["--lr_scheduler", "cosine", "--lr_scheduler_args", "num_cycles=1"], 5, 0.0),
-        (["--lr_scheduler", "cosine_with_restarts", "--lr_scheduler_num_cycles", "2"], 5, 1.0),
-        (["--lr_scheduler", "polynomial", "--lr_scheduler_power", "2", "--lr_scheduler_args", "lr_end=1e-4"], 5, 0.325),
-        (["--lr_scheduler", "inverse_sqrt", "--lr_warmup_steps", "2", "--lr_scheduler_timescale", "8"], 8, math.sqrt(8 / 14)),
-        (["--lr_scheduler", "cosine_with_min_lr", "--lr_scheduler_min_lr_ratio", "0.1"], 10, 0.1),
-        (["--lr_scheduler", "cosine_with_min_lr", "--lr_scheduler_args", "min_lr=2e-4"], 10, 0.2),
-        (["--lr_scheduler", "warmup_stable_decay", "--lr_decay_steps", "0.4"], 8, 0.5),
-        (["--lr_scheduler", "warmup_stable_decay", "--lr_decay_steps", "4", "--lr_scheduler_args", "decay_type='linear'"], 7, 0.75),
-        (["--lr_scheduler", "piecewise_constant", "--lr_scheduler_args", "step_rules='1:3,0.5'"], 3, 0.5),
+        # 10 training steps. Half a period further than cosine's default: back at 0 by step 5.
+        ("--lr_scheduler cosine --lr_scheduler_args num_cycles=1", 5, 0.0),
+        # Two restarts: step 5 starts the second cycle.
+        ("--lr_scheduler cosine_with_restarts --lr_scheduler_num_cycles 2", 5, 1.0),
+        # ((1e-3 - 1e-4) * 0.5**2 + 1e-4) / 1e-3
+        ("--lr_scheduler polynomial --lr_scheduler_power 2 --lr_scheduler_args lr_end=1e-4", 5, 0.325),
+        # 1 / sqrt((8 + 8 - 2) / 8)
+        ("--lr_scheduler inverse_sqrt --lr_warmup_steps 2 --lr_scheduler_timescale 8", 8, (8 / 14) ** 0.5),
+        ("--lr_scheduler cosine_with_min_lr --lr_scheduler_min_lr_ratio 0.1", 10, 0.1),
+        # min_lr 2e-4 over the default lr 1e-3
+        ("--lr_scheduler cosine_with_min_lr --lr_scheduler_args min_lr=2e-4", 10, 0.2),
+        # decay over the last int(0.4 * 10) = 4 steps, half-way at step 8
+        ("--lr_scheduler warmup_stable_decay --lr_decay_steps 0.4", 8, 0.5),
+        ("--lr_scheduler warmup_stable_decay --lr_decay_steps 4 --lr_scheduler_args decay_type='linear'", 7, 0.75),
+        ("--lr_scheduler piecewise_constant --lr_scheduler_args step_rules='1:3,0.5'", 3, 0.5),
     ],
-)  # fmt: skip
-def test_scheduler_options_from_arguments(argv, step, multiplier):
-    # default lr 1e-3 is the second group's base lr, so its lr is the multiplier times 1e-3.
-    scheduler = create_lr_scheduler(parse(*argv), two_group_adamw())
+)
+def test_scheduler_options_from_arguments(command_line, step, multiplier):
+    # The default lr 1e-3 is the second group's base lr, so its lr is the multiplier times 1e-3.
+    scheduler = create_lr_scheduler(parse(*command_line.split()), two_group_adamw())
     assert scheduler.lrs_for_step(step)[1] == pytest.approx(multiplier * 1e-3)
 
 
@@ -223,7 +229,8 @@ def test_adafactor_relative_step_gets_the_adafactor_scheduler_and_reports_its_lr
 
 def test_relative_step_adafactor_refuses_other_schedules():
     args = parse("--optimizer_type", "Adafactor")
-    optimizer, _, _ = create_optimizer_from_args(args, [{"params": [Parameter(Tensor(np.ones(2, np.float32)), name="w")]}])
+    weight = Parameter(Tensor(np.ones(2, np.float32)), name="w")
+    optimizer, _, _ = create_optimizer_from_args(args, [{"params": [weight]}])
     args.lr_scheduler = "cosine"
     with pytest.raises(UserError, match="relative_step"):
         create_lr_scheduler(args, optimizer)

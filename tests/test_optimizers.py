@@ -42,7 +42,9 @@ class Toy(nn.Cell):
 
 def gradient_steps(count, seed=1):
     rng = np.random.default_rng(seed)
-    return [{name: rng.standard_normal(shape).astype(np.float32) for name, shape in SHAPES.items()} for _ in range(count)]
+    return [
+        {name: rng.standard_normal(shape).astype(np.float32) for name, shape in SHAPES.items()} for _ in range(count)
+    ]
 
 
 class JitStep(nn.Cell):
@@ -249,7 +251,8 @@ def test_lion_decoupled_weight_decay_divides_by_the_initial_lr():
     model = Toy()
     initial = model.weights()
     steps = gradient_steps(3)
-    run(Lion(model.groups(), lr=1e-2, betas=(0.95, 0.98), weight_decay=1e-3, decoupled_weight_decay=True), steps, "pynative")
+    optimizer = Lion(model.groups(), lr=1e-2, betas=(0.95, 0.98), weight_decay=1e-3, decoupled_weight_decay=True)
+    run(optimizer, steps, "pynative")
     expected = lion_reference(initial, steps, betas=(0.95, 0.98), weight_decay=1e-3 / 1e-2)
     assert_updates_match(model, initial, expected)
 
@@ -368,7 +371,13 @@ def toy_groups():
     "optimizer_type, optimizer_args, expected_class, expected_name, expected_args",
     [
         ("", None, AdamW, "torch.optim.adamw.AdamW", ""),
-        ("adamw", ["weight_decay=0.1", "betas=0.9,0.99"], AdamW, "torch.optim.adamw.AdamW", "weight_decay=0.1,betas=(0.9, 0.99)"),
+        (
+            "adamw",
+            ["weight_decay=0.1", "betas=0.9,0.99"],
+            AdamW,
+            "torch.optim.adamw.AdamW",
+            "weight_decay=0.1,betas=(0.9, 0.99)",
+        ),
         ("LION", None, Lion, "lion_pytorch.lion_pytorch.Lion", ""),
         ("SGDNesterov", None, SGDNesterov, "torch.optim.sgd.SGD", "momentum=0.9"),
         ("sgdnesterov", ["weight_decay=1e-4"], SGDNesterov, "torch.optim.sgd.SGD", "weight_decay=0.0001,momentum=0.9"),
@@ -402,7 +411,8 @@ def test_create_optimizer_passes_options_and_group_lrs():
 
 
 def test_adafactor_relative_step_ignores_learning_rates_and_warmup_init_forces_it():
-    optimizer, _, args_str = create_optimizer("Adafactor", toy_groups(), 1e-4, ["relative_step=False", "warmup_init=True"])
+    options = ["relative_step=False", "warmup_init=True"]
+    optimizer, _, args_str = create_optimizer("Adafactor", toy_groups(), 1e-4, options)
     assert optimizer.relative_step and optimizer.warmup_init and optimizer.default_lr is None
     assert optimizer.base_lrs == [None, None]
     assert args_str == "relative_step=True,warmup_init=True"
@@ -534,5 +544,6 @@ def test_prodigy_options_match_reference():
 def test_prodigy_refuses_different_group_lrs():
     with pytest.raises(UserError, match="same lr"):
         create_optimizer("Prodigy", toy_groups(), 1.0, None)
-    optimizer, name, args_str = create_optimizer("prodigy", [{"params": toy_groups()[0]["params"]}], 1.0, ["d_coef=0.5"])
+    one_group = [{"params": toy_groups()[0]["params"]}]
+    optimizer, name, args_str = create_optimizer("prodigy", one_group, 1.0, ["d_coef=0.5"])
     assert (type(optimizer), name, args_str) == (Prodigy, "prodigyopt.prodigy.Prodigy", "d_coef=0.5")
