@@ -232,7 +232,7 @@ def test_adamw_defaults_are_torchs():
 def test_adamw_adds_eps_outside_the_bias_corrected_root():
     # One step from zero moments: m_hat = g and v_hat = g^2, so torch moves by lr * g / (|g| + eps).
     # With g = 2, eps = 0.5, lr = 0.01 that is 0.01 * 2 / 2.5 = 0.008. (MindSpore's fused Adam, which adds eps
-    # before bias correction, would move by 0.01 * 2 / (2 + 0.5 * sqrt(0.001)) instead.)
+    # before bias correction, would move by 0.01 * 2 / (2 + 0.5 / sqrt(0.001)) instead.)
     weight = Parameter(Tensor(np.array([1.0], np.float32)), name="w")
     AdamW([{"params": [weight]}], lr=0.01, eps=0.5, weight_decay=0.0)((Tensor(np.array([2.0], np.float32)),))
     assert weight.asnumpy()[0] == pytest.approx(1.0 - 0.008, abs=1e-7)
