@@ -125,7 +125,7 @@ def _add_logging_arguments(parser):
     add("--console_log_file", type=str, default=None, help="also write the console log to this file")
     add("--console_log_simple", action="store_true", help="plain log lines")
     add("--logging_dir", type=str, default=None, help="write tensorboard logs under this folder")
-    add("--log_with", type=str, default=None, choices=["tensorboard", "wandb", "all"], help="logger (tensorboard)")
+    add("--log_with", type=str, default=None, choices=["tensorboard", "wandb", "all"], help="experiment logger")
     add("--log_prefix", type=str, default=None, help="prefix of the timestamped log folder")
     add("--log_tracker_name", type=str, default=None, help="tracker (run) name, default network_train")
     add("--log_tracker_config", type=str, default=None, help="tracker configuration file")
@@ -399,7 +399,7 @@ def _config_value(actions, key, value, path):
 
 def _config_scalar(action, where, value):
     if isinstance(value, (bool, list, dict)):
-        raise UserError(f"{where} = {value!r}: expected a single {_type_name(action)}")
+        raise UserError(f"{where} = {value!r}: expected {_type_name(action)}")
     if action.type is float and isinstance(value, (int, float)):
         # keep TOML's int as sd-scripts does: the ss_* metadata then records the same text
         converted = value
