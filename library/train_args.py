@@ -354,9 +354,7 @@ def _load_toml(path):
         with open(path, encoding="utf-8") as file:
             return toml.load(file)
     except toml.TomlDecodeError as error:
-        raise UserError(
-            f"{path}: not valid TOML at line {error.lineno}, column {error.colno}: {error.msg}"
-        ) from None
+        raise UserError(f"{path}: not valid TOML at line {error.lineno}, column {error.colno}: {error.msg}") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a UTF-8 text file") from None
 
