@@ -1,0 +1,253 @@
+"""Render sample images with an SDXL model, as sd-scripts does for training samples.
+
+`SDXLSampler.render(prompt)` follows sd-scripts' SDXL sample pipeline: prompts tokenized with their
+attention weights and --max_token_length chunks, classifier-free guidance against the negative
+prompt when the scale is above 1 (the unconditional half first), size conditioning of
+(height, width, 0, 0, height, width), initial noise times the sampler's init sigma, the VAE decoding
+latents / 0.13025, and pixels as round(255 * clip(image / 2 + 0.5, 0, 1)).
+
+Noise comes from numpy's generator seeded with the prompt's seed, so a seed gives the same image on
+every device (not the same as torch's generator: sd-scripts' images are not reproduced bit for bit).
+The UNet, text encoders and VAE decoder are each compiled once and reused; a new latent size or a
+switch between guided and unguided prompts compiles the UNet once more.
+"""
+
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+import mindspore as ms
+
+from library.model_loading import SDXLModels
+from library.sample_prompts import SamplePrompt, parse_prompt_attention
+from library.samplers import check_sampler_name, make_sampler, run_sampler
+from library.sdxl_unet import SizeEmbedding
+from library.sdxl_vae import SDXL_VAE_SCALE_FACTOR
+from library.text_encoders import SDXLTextEncoding, eos_mask
+from library.tokenizers import TOKENS_PER_CHUNK, _chunk, chunk_count
+
+logger = logging.getLogger(__name__)
+
+# How A1111-style "parameters" text names each sampler, so tools that read it recognise the sampler.
+A1111_SAMPLER_NAMES = {
+    "ddim": "DDIM",
+    "dpmsolver++": "DPM++ 2M",
+    "euler": "Euler",
+    "k_euler": "Euler",
+    "euler_a": "Euler a",
+    "k_euler_a": "Euler a",
+    "lms": "LMS",
+    "k_lms": "LMS",
+    "heun": "Heun",
+    "dpm_2": "DPM2",
+    "k_dpm_2": "DPM2",
+    "dpm_2_a": "DPM2 a",
+    "k_dpm_2_a": "DPM2 a",
+}
+
+MIN_IMAGE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Everything that determines one sample image, with defaults and the random seed resolved."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    sampler: str
+    scale: float
+    seed: int
+    loras: Tuple[Tuple[str, float], ...] = ()  # (name, multiplier) of LoRAs applied to the model
+
+    def infotext(self) -> str:
+        """A1111's "parameters" text; LoRAs appear as its <lora:name:multiplier> prompt tags."""
+        prompt = " ".join([self.prompt, *(f"<lora:{name}:{multiplier:g}>" for name, multiplier in self.loras)])
+        lines = [prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        lines.append(
+            f"Steps: {self.steps}, Sampler: {A1111_SAMPLER_NAMES[self.sampler]}, CFG scale: {self.scale:g}, "
+            f"Seed: {self.seed}, Size: {self.width}x{self.height}"
+        )
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SampleImage:
+    image: Image.Image
+    params: GenerationParams
+
+
+def resolve_params(prompt: SamplePrompt, default_sampler: str, loras: Sequence[Tuple[str, float]] = ()) -> GenerationParams:
+    """sd-scripts' reading of a prompt: sizes rounded down to a multiple of 8 (at least 64), an empty
+    negative prompt when none is given, --sample_sampler unless the prompt names one, and a fresh
+    random seed when it has none (recorded, so the image can be made again)."""
+    return GenerationParams(
+        prompt=prompt.prompt,
+        negative_prompt=prompt.negative_prompt or "",
+        width=max(MIN_IMAGE_SIZE, prompt.width - prompt.width % 8),
+        height=max(MIN_IMAGE_SIZE, prompt.height - prompt.height % 8),
+        steps=prompt.sample_steps,
+        sampler=check_sampler_name(prompt.sample_sampler or default_sampler),
+        scale=prompt.scale,
+        seed=prompt.seed if prompt.seed is not None else secrets.randbelow(2**32),
+        loras=tuple((name, float(multiplier)) for name, multiplier in loras),
+    )
+
+
+def tokenize_weighted(tokenizer, text: str, max_token_length: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [n_chunks, 77], weights float32 [n_chunks * 75 + 2]) for a prompt with attention syntax.
+
+    As sd-scripts: each weighted run is tokenized on its own, the runs' tokens are joined and cut to
+    n_chunks * 75, framed by <BOS> ... <EOS> and padded, then cut into 77-token chunks. `weights` has
+    one entry per position of the joined encoder states (1.0 at <BOS>, <EOS> and padding).
+    """
+    n_chunks = chunk_count(max_token_length)
+    capacity = n_chunks * TOKENS_PER_CHUNK
+    ids, weights = [], []
+    for run_text, weight in parse_prompt_attention(text):
+        run_ids = tokenizer(run_text, add_special_tokens=False, verbose=False).input_ids
+        ids += run_ids
+        weights += [weight] * len(run_ids)
+    if len(ids) > capacity:
+        logger.warning(f"prompt truncated to {capacity} tokens (see --max_token_length): {text!r}")
+        ids, weights = ids[:capacity], weights[:capacity]
+    padding = capacity - len(ids)
+    row = np.array([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id, *[tokenizer.pad_token_id] * padding])
+    chunks = np.stack([_chunk(row, index, tokenizer) for index in range(n_chunks)]).astype(np.int32)
+    return chunks, np.array([1.0, *weights, *[1.0] * (padding + 1)], dtype=np.float32)
+
+
+class SDXLSampler:
+    """Renders SamplePrompts with one SDXL model; keep one instance to reuse its compiled graphs."""
+
+    def __init__(
+        self,
+        models: SDXLModels,
+        tokenizers,
+        max_token_length: Optional[int] = None,
+        v_parameterization: bool = False,
+        default_sampler: str = "ddim",
+    ):
+        self.models = models
+        self.tokenizer1, self.tokenizer2 = tokenizers
+        self.max_token_length = max_token_length
+        self.prediction_type = "v_prediction" if v_parameterization else "epsilon"
+        self.default_sampler = check_sampler_name(default_sampler)
+        text_encoding = SDXLTextEncoding(models.text_encoder1, models.text_encoder2, chunk_count(max_token_length))
+        self._encode_text = ms.jit(text_encoding.construct)
+        self._unet = ms.jit(models.unet.construct)
+        self._decode = ms.jit(models.vae.decode)
+        self._size_embedding = SizeEmbedding()
+
+    def render(self, prompt: SamplePrompt, loras: Sequence[Tuple[str, float]] = ()) -> SampleImage:
+        params = resolve_params(prompt, self.default_sampler, loras)
+        return SampleImage(self.decode(self.generate_latents(params)), params)
+
+    def encode_prompts(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+        """(context [B, n_chunks*75+2, D1+D2] with attention weights applied, pooled [B, P])."""
+        tokens1 = [tokenize_weighted(self.tokenizer1, text, self.max_token_length) for text in texts]
+        tokens2 = [tokenize_weighted(self.tokenizer2, text, self.max_token_length) for text in texts]
+        ids1 = np.concatenate([ids for ids, _ in tokens1])
+        ids2 = np.concatenate([ids for ids, _ in tokens2])
+        context, pooled = self._encode_text(ms.Tensor(ids1), ms.Tensor(ids2), ms.Tensor(eos_mask(ids2)))
+        context = context.asnumpy().astype(np.float32)
+        # The weights scale each encoder's hidden states; the pooled vector stays unweighted, as in sd-scripts.
+        width1 = self.models.text_encoder1.config.hidden_size
+        context[..., :width1] *= np.stack([weights for _, weights in tokens1])[..., None]
+        context[..., width1:] *= np.stack([weights for _, weights in tokens2])[..., None]
+        return context, pooled.asnumpy().astype(np.float32)
+
+    def generate_latents(self, params: GenerationParams) -> np.ndarray:
+        """Denoised latents [1, 4, height/8, width/8], scaled as the UNet sees them."""
+        guided = params.scale > 1.0
+        # Both prompts are encoded even without guidance, so the text encoders compile for one batch size.
+        context, pooled = self.encode_prompts([params.negative_prompt, params.prompt])
+        if not guided:
+            context, pooled = context[1:], pooled[1:]
+        batch_size = len(context)
+        sizes = np.tile(np.array([[params.height, params.width, 0, 0, params.height, params.width]], np.float32),
+                        (batch_size, 1))
+        context = ms.Tensor(context)
+        vector = self._size_embedding(ms.Tensor(pooled), ms.Tensor(sizes))
+
+        def model(model_input: np.ndarray, timestep: float) -> np.ndarray:
+            batch = np.repeat(model_input.astype(np.float32), batch_size, axis=0)
+            timesteps = np.full((batch_size,), timestep, np.float32)
+            output = self._unet(ms.Tensor(batch), ms.Tensor(timesteps), context, vector).asnumpy().astype(np.float32)
+            if not guided:
+                return output
+            unconditional, conditional = output[:1], output[1:]
+            return unconditional + params.scale * (conditional - unconditional)
+
+        rng = np.random.default_rng(params.seed)
+        factor = 2 ** (len(self.models.vae.config.ch_mult) - 1)
+        shape = (1, self.models.unet.config.in_channels, params.height // factor, params.width // factor)
+        noise = rng.standard_normal(shape).astype(np.float32)
+        sampler = make_sampler(params.sampler, params.steps, self.prediction_type)
+        return run_sampler(sampler, model, noise, rng).astype(np.float32)
+
+    def decode(self, latents: np.ndarray) -> Image.Image:
+        image = self._decode(ms.Tensor((latents / SDXL_VAE_SCALE_FACTOR).astype(np.float32))).asnumpy()[0]
+        pixels = np.clip(image.astype(np.float32) / 2 + 0.5, 0.0, 1.0).transpose(1, 2, 0)
+        return Image.fromarray((pixels * 255).round().astype(np.uint8))
+
+
+# ---- Files --------------------------------------------------------------------------------------------
+
+
+def sample_image_name(
+    output_name: Optional[str], epoch: Optional[int], steps: int, index: int, seed: Optional[int],
+    now: Optional[time.struct_time] = None,
+) -> str:
+    """sd-scripts' training sample name: `[output_name_]{e<epoch:06>|<steps:06>}_{index:02}_{localtime}[_seed].png`.
+
+    `epoch` is given for samples at an epoch's end, None for step samples; `seed` is the prompt's
+    own seed (None when it had none, so the name has no seed).
+    """
+    prefix = "" if output_name is None else f"{output_name}_"
+    progress = f"e{epoch:06d}" if epoch is not None else f"{steps:06d}"
+    timestamp = time.strftime("%Y%m%d%H%M%S", now or time.localtime())
+    seed_suffix = "" if seed is None else f"_{seed}"
+    return f"{prefix}{progress}_{index:02d}_{timestamp}{seed_suffix}.png"
+
+
+def save_sample_image(image: Image.Image, output_dir: str, name: str, params: GenerationParams) -> str:
+    """Write `image` as PNG with `params.infotext()` in its "parameters" text chunk; return the path.
+
+    An existing file is never replaced: a taken name gets `_1`, `_2`, ... before the extension. The
+    PNG is written to a temporary file and renamed, so a reader never sees half an image.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    path = _free_path(os.path.join(output_dir, name))
+    info = PngInfo()
+    info.add_text("parameters", params.infotext())
+    temp_path = os.path.join(output_dir, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    try:
+        with open(temp_path, "xb") as handle:
+            image.save(handle, format="PNG", pnginfo=info)
+        os.replace(temp_path, path)
+    except BaseException:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+        raise
+    return path
+
+
+def _free_path(path: str) -> str:
+    stem, extension = os.path.splitext(path)
+    candidate, number = path, 0
+    while os.path.exists(candidate):
+        number += 1
+        candidate = f"{stem}_{number}{extension}"
+    return candidate
