@@ -117,7 +117,8 @@ def _json_entries(text: str, path: str):
 
 def _table(value, where: str) -> dict:
     if not isinstance(value, dict):
-        raise UserError(f"--sample_prompts: {where} must be a table of prompt options or a prompt string")
+        raise UserError(f"--sample_prompts: {where}: expected a table of prompt options or a prompt line, "
+                        f"got {value!r}")
     return value
 
 
