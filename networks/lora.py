@@ -75,6 +75,10 @@ def _cast(weight, like):
     return weight if weight.dtype == like.dtype else weight.astype(like.dtype)
 
 
+def _float32_array(param: Parameter) -> np.ndarray:
+    return (param if param.dtype == ms.float32 else param.astype(ms.float32)).asnumpy()
+
+
 class LoRAModule(nn.Cell):
     """Wraps a Linear or Conv2d cell: org(x) + up(down(x)) * multiplier * alpha / rank.
 
@@ -319,11 +323,13 @@ def parse_network_args(kwargs: Dict, network_dim: int, network_alpha: float) -> 
     )
     if args.conv_dim is not None and args.conv_alpha is None:
         args.conv_alpha = DEFAULT_CONV_ALPHA
+    # sd-scripts ignores these without the key they refine; here that would be a silent no-op.
     if args.block_dims is None:
-        # sd-scripts reads these only together with block_dims; here they would silently do nothing.
         for key in ("block_alphas", "conv_block_dims", "conv_block_alphas"):
             if key in kwargs:
                 raise UserError(f"--network_args: {key} needs block_dims as well")
+        if args.conv_alpha is not None and args.conv_dim is None:
+            raise UserError("--network_args: conv_alpha needs conv_dim as well")
         return args
     if args.block_alphas is None:
         args.block_alphas = [network_alpha] * SDXL_NUM_BLOCKS
@@ -341,9 +347,9 @@ def parse_network_args(kwargs: Dict, network_dim: int, network_alpha: float) -> 
 class LoRANetwork:
     """The LoRA modules for a UNet and its text encoders, and everything done with them as a whole.
 
-    Ranks come from `lora_dim`/`alpha` (`conv_lora_dim`/`conv_alpha` for 3x3 convs), from SDXL
-    per-block lists, or for a network read from a file from `modules_dim`/`modules_alpha`. A module
-    of rank 0 is not created.
+    Ranks come from `lora_dim`/`alpha` (`args.conv_dim`/`args.conv_alpha` for 3x3 convs), from the
+    SDXL per-block lists in `args`, or for a network read from a file from `modules_dim`/`modules_alpha`.
+    A module of rank 0 is not created.
     """
 
     def __init__(self, text_encoders: Sequence[nn.Cell], unet: SDXLUNet, multiplier: float = 1.0,
@@ -408,14 +414,13 @@ class LoRANetwork:
             self.text_encoder_loras = []
         if not apply_unet:
             self.unet_loras = []
-        text_encoders = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
-        roots = {f"te{index + 1}": te for index, te in enumerate(text_encoders)}
+        roots = {f"te{index + 1}": te for index, te in enumerate(_as_list(text_encoders))}
         roots["unet"] = unet
+        cells = {root: dict(cell.cells_and_names()) for root, cell in roots.items()}
         for lora in self.loras:
             target = self.placements[lora.lora_name]
-            cells = dict(roots[target.root].cells_and_names())
             parent_path, _, key = target.path.rpartition(".")
-            parent = cells[parent_path]
+            parent = cells[target.root][parent_path]
             if _child(parent, key) is not target.cell:
                 raise ValueError(f"apply_to: {target.root} '{target.path}' is not the cell this network was made for")
             attach(parent, key, lora)
@@ -511,11 +516,8 @@ class LoRANetwork:
     def state_dict(self) -> Dict[str, np.ndarray]:
         """{Kohya tensor name: float32 array}, alpha as 0-d arrays."""
         modules = {
-            lora.lora_name: ModuleWeights(
-                lora.lora_down.weight.astype(ms.float32).asnumpy(),
-                lora.lora_up.weight.astype(ms.float32).asnumpy(),
-                lora.alpha,
-            )
+            lora.lora_name: ModuleWeights(_float32_array(lora.lora_down.weight), _float32_array(lora.lora_up.weight),
+                                          lora.alpha)
             for lora in self.loras
         }
         return kohya_state(modules)
@@ -633,6 +635,10 @@ def create_network(multiplier: float, network_dim: Optional[int], network_alpha:
     dim = DEFAULT_NETWORK_DIM if network_dim is None else int(network_dim)
     alpha = DEFAULT_NETWORK_ALPHA if network_alpha is None else float(network_alpha)
     args = parse_network_args(kwargs, dim, alpha)
+    given_dropout = _number(kwargs, "dropout", float)
+    if given_dropout is not None and given_dropout != neuron_dropout:
+        raise UserError(f"--network_args: dropout={kwargs['dropout']} is not read by {NETWORK_MODULE}; "
+                        "use --network_dropout")
     given = {"network_dim": network_dim, "network_alpha": network_alpha, "neuron_dropout": neuron_dropout,
              "network_args": dict(kwargs)}
     return LoRANetwork(_as_list(text_encoders), unet, multiplier, dim, alpha, neuron_dropout, args, given_args=given)
