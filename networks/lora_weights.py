@@ -75,10 +75,11 @@ def parse_lora_tensors(
     target_shapes: Mapping[str, Tuple[int, ...]],
     aliases: Mapping[str, str],
     list_unmatched: bool = False,
+    owner: str = "this model",
 ) -> Dict[str, ModuleWeights]:
     """Group a Kohya state dict by module and check each tensor against the module it adapts.
 
-    `target_shapes` maps each adaptable module name to its base weight shape ([out, in] or
+    `target_shapes` maps each module name `owner` can adapt to its base weight shape ([out, in] or
     [out, in, k, k]); `aliases` renames modules first (diffusers -> SGM names). Any tensor that does not
     fit raises one UserError naming it; `list_unmatched` names every such tensor instead of the first few.
     """
@@ -94,7 +95,7 @@ def parse_lora_tensors(
             problems.append(f"'{key}' is not a Kohya LoRA tensor (expected <module>.lora_down.weight, "
                             "<module>.lora_up.weight or <module>.alpha)")
         elif module not in target_shapes:
-            problems.append(f"'{key}': this model has no LoRA target module '{module}'")
+            problems.append(f"'{key}': {owner} has no LoRA module '{module}'")
         else:
             grouped.setdefault(module, {})[part] = value
 

@@ -211,8 +211,8 @@ def test_diffusers_to_sgm_lora_names_for_full_sdxl_both_ways():
     ("lora_unet_input_blocks_4_1_proj_in.dora_scale", (1, 64), "dora_scale' is a LyCORIS tensor"),
     ("lora_unet_input_blocks_4_1_proj_in.lora_mid.weight", (4, 4, 3, 3), "lora_mid.weight' is a LyCORIS tensor"),
     ("lora_unet_input_blocks_4_1_proj_in.lora_A.weight", (4, 64), "lora_A.weight' is not a Kohya LoRA tensor"),
-    ("lora_unet_input_blocks_99_1_proj_in.lora_up.weight", (64, 4), "no LoRA target module 'lora_unet_input_blocks_99"),
-    ("lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight", (128, 4), "no LoRA target module 'lora_te_text"),
+    ("lora_unet_input_blocks_99_1_proj_in.lora_up.weight", (64, 4), "this model has no LoRA module 'lora_unet_input_blocks_99"),
+    ("lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight", (128, 4), "this model has no LoRA module 'lora_te_text"),
 ])
 def test_tensors_that_do_not_fit_are_named(models, tmp_path, key, shape, message):
     tensors = kohya_module("lora_unet_input_blocks_4_1_proj_out", 64, 64, 4, 1)
@@ -252,3 +252,6 @@ def test_loading_a_file_of_another_rank_or_alpha_into_a_network_is_refused(model
     path = write_kohya(tmp_path / "ok.safetensors", kohya_module("lora_unet_input_blocks_4_1_proj_in", 64, 64, 4, 1))
     missing = network.load_weights(path)
     assert len(missing) == len(network.loras) - 1 and "lora_unet_input_blocks_4_1_proj_in" not in missing
+    path = write_kohya(tmp_path / "conv.safetensors", kohya_module("lora_unet_input_blocks_4_0_emb_layers_1", 64, 128, 4, 1))
+    with pytest.raises(UserError, match="this network has no LoRA module 'lora_unet_input_blocks_4_0_emb_layers_1'"):
+        network.load_weights(path)  # a conv-block module, but this network was made without conv_dim
