@@ -177,7 +177,8 @@ def prompt_from_values(values: dict, enum: int, where: str) -> SamplePrompt:
     check("width", lambda v: is_int(v) and v > 0, "a positive integer")
     check("height", lambda v: is_int(v) and v > 0, "a positive integer")
     check("seed", lambda v: is_int(v) and v >= 0, "a non-negative integer")
-    check("sample_steps", lambda v: is_int(v) and 1 <= v <= NUM_TRAIN_TIMESTEPS, f"an integer 1 to {NUM_TRAIN_TIMESTEPS}")
+    check("sample_steps", lambda v: is_int(v) and 1 <= v <= NUM_TRAIN_TIMESTEPS,
+          f"an integer 1 to {NUM_TRAIN_TIMESTEPS}")
     check("scale", lambda v: (is_int(v) or isinstance(v, float)), "a number")
     check("sample_sampler", lambda v: isinstance(v, str), "a sampler name")
     if "sample_sampler" in values:

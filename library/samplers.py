@@ -18,6 +18,7 @@ the k-diffusion samplers (Euler, LMS, Heun, DPM2) on x = x0 + sigma noise with
 sigma = sqrt((1 - abar) / abar), and feed the UNet x / sqrt(sigma^2 + 1).
 """
 
+import math
 from typing import Callable, Optional
 
 import numpy as np
@@ -140,12 +141,12 @@ class DPMSolverPlusPlusSampler(Sampler):
 
         # In VP terms: alpha = 1/sqrt(sigma^2+1), sigma_vp = sigma * alpha, lambda = log(alpha/sigma_vp) = -log(sigma).
         alpha_next = 1.0 / (sigma_next**2 + 1.0) ** 0.5
-        h = np.log(sigma / sigma_next)
-        decay = np.expm1(-h)  # exp(-h) - 1
+        h = math.log(sigma / sigma_next)
+        decay = math.expm1(-h)  # exp(-h) - 1
         vp_ratio = (sigma_next * alpha_next) / (sigma / (sigma**2 + 1.0) ** 0.5)
         if previous is None:
             return vp_ratio * sample - alpha_next * decay * denoised
-        h_previous = np.log(float(self.sigmas[index - 1]) / sigma)
+        h_previous = math.log(float(self.sigmas[index - 1]) / sigma)
         correction = (h / h_previous) * (denoised - previous)
         return vp_ratio * sample - alpha_next * decay * denoised - 0.5 * alpha_next * decay * correction
 

@@ -25,6 +25,7 @@ from PIL.PngImagePlugin import PngInfo
 
 import mindspore as ms
 
+from library.errors import UserError
 from library.model_loading import SDXLModels
 from library.sample_prompts import SamplePrompt, parse_prompt_attention
 from library.samplers import check_sampler_name, make_sampler, run_sampler
@@ -88,7 +89,9 @@ class SampleImage:
     params: GenerationParams
 
 
-def resolve_params(prompt: SamplePrompt, default_sampler: str, loras: Sequence[Tuple[str, float]] = ()) -> GenerationParams:
+def resolve_params(
+    prompt: SamplePrompt, default_sampler: str, loras: Sequence[Tuple[str, float]] = ()
+) -> GenerationParams:
     """sd-scripts' reading of a prompt: sizes rounded down to a multiple of 8 (at least 64), an empty
     negative prompt when none is given, --sample_sampler unless the prompt names one, and a fresh
     random seed when it has none (recorded, so the image can be made again)."""
@@ -170,6 +173,13 @@ class SDXLSampler:
 
     def generate_latents(self, params: GenerationParams) -> np.ndarray:
         """Denoised latents [1, 4, height/8, width/8], scaled as the UNet sees them."""
+        vae_factor = 2 ** (len(self.models.vae.config.ch_mult) - 1)
+        # The UNet halves the latents at each level and concatenates the skips on the way up, so an odd
+        # size would fail deep inside it (as in sd-scripts); name the prompt instead.
+        multiple = vae_factor * 2 ** (len(self.models.unet.config.channel_mult) - 1)
+        if params.width % multiple or params.height % multiple:
+            raise UserError(f"sample prompt {params.prompt!r}: size {params.width}x{params.height} is not supported; "
+                            f"SDXL needs width and height in multiples of {multiple}")
         guided = params.scale > 1.0
         # Both prompts are encoded even without guidance, so the text encoders compile for one batch size.
         context, pooled = self.encode_prompts([params.negative_prompt, params.prompt])
@@ -191,8 +201,7 @@ class SDXLSampler:
             return unconditional + params.scale * (conditional - unconditional)
 
         rng = np.random.default_rng(params.seed)
-        factor = 2 ** (len(self.models.vae.config.ch_mult) - 1)
-        shape = (1, self.models.unet.config.in_channels, params.height // factor, params.width // factor)
+        shape = (1, self.models.unet.config.in_channels, params.height // vae_factor, params.width // vae_factor)
         noise = rng.standard_normal(shape).astype(np.float32)
         sampler = make_sampler(params.sampler, params.steps, self.prediction_type)
         return run_sampler(sampler, model, noise, rng).astype(np.float32)

@@ -6,19 +6,20 @@ from library.errors import UserError
 from library.sample_prompts import SamplePrompt, load_sample_prompts, parse_prompt_attention, parse_prompt_line
 
 # sd-scripts' documented example (docs/train_README-ja.md), plus the corners of its line format.
-PROMPTS_TXT = """\
+NEGATIVE = "low quality, worst quality, bad anatomy,bad composition, poor, low effort"
+GIRL = "masterpiece, best quality, 1girl, in white shirts, upper body, looking at viewer, simple background"
+BOY = "masterpiece, best quality, 1boy, in business suit, standing at street, looking back"
+PROMPTS_TXT = f"""\
 # prompt 1
-masterpiece, best quality, 1girl, in white shirts, upper body, looking at viewer, simple background --n low quality, worst quality, bad anatomy,bad composition, poor, low effort --w 768 --h 768 --d 1 --l 7.5 --s 28
+{GIRL} --n {NEGATIVE} --w 768 --h 768 --d 1 --l 7.5 --s 28
 
 # prompt 2
-masterpiece, best quality, 1boy, in business suit, standing at street, looking back --n low quality, worst quality, bad anatomy,bad composition, poor, low effort --w 576 --h 832 --d 2 --l 5.5 --s 40
+{BOY} --n {NEGATIVE} --w 576 --h 832 --d 2 --l 5.5 --s 40
 a plain prompt
   # indented: not a comment for sd-scripts either
 a cat --W 640 --S 5000 --ss k_euler_a
 a dog --s 0 --l 3
 """
-
-NEGATIVE = "low quality, worst quality, bad anatomy,bad composition, poor, low effort"
 
 
 def write(tmp_path, name, text):
@@ -30,14 +31,10 @@ def write(tmp_path, name, text):
 def test_txt_prompts(tmp_path):
     prompts = load_sample_prompts(write(tmp_path, "prompts.txt", PROMPTS_TXT))
     assert prompts == [
-        SamplePrompt(
-            prompt="masterpiece, best quality, 1girl, in white shirts, upper body, looking at viewer, simple background",
-            negative_prompt=NEGATIVE, width=768, height=768, seed=1, scale=7.5, sample_steps=28, enum=0,
-        ),
-        SamplePrompt(
-            prompt="masterpiece, best quality, 1boy, in business suit, standing at street, looking back",
-            negative_prompt=NEGATIVE, width=576, height=832, seed=2, scale=5.5, sample_steps=40, enum=1,
-        ),
+        SamplePrompt(prompt=GIRL, negative_prompt=NEGATIVE, width=768, height=768, seed=1, scale=7.5,
+                     sample_steps=28, enum=0),
+        SamplePrompt(prompt=BOY, negative_prompt=NEGATIVE, width=576, height=832, seed=2, scale=5.5,
+                     sample_steps=40, enum=1),
         SamplePrompt(prompt="a plain prompt", enum=2),
         SamplePrompt(prompt="# indented: not a comment for sd-scripts either", enum=3),
         # Flags ignore case; steps are clamped to 1..1000.
@@ -127,7 +124,7 @@ def test_json_prompts_mix_tables_and_lines(tmp_path):
 
 
 def test_json_errors(tmp_path):
-    with pytest.raises(UserError, match=r"prompts.json item 2: expected a table of prompt options or a prompt line, got 5"):
+    with pytest.raises(UserError, match=r"prompts.json item 2: expected a table of prompt options or a prompt line"):
         load_sample_prompts(write(tmp_path, "prompts.json", '["a", 5]'))
     with pytest.raises(UserError, match="must hold a JSON list"):
         load_sample_prompts(write(tmp_path, "prompts.json", '{"prompt": "a"}'))

@@ -8,6 +8,7 @@ from PIL import Image
 
 import mindspore as ms
 
+from library.errors import UserError
 from library.sample_prompts import SamplePrompt
 from library.samplers import make_sampler, run_sampler
 from library.sampling import (
@@ -147,6 +148,12 @@ def test_scale_one_never_uses_the_negative_prompt(sampler):
     latents = sampler.generate_latents(params)
     other_negative = sampler.generate_latents(GenerationParams(**{**params.__dict__, "negative_prompt": "sharp"}))
     np.testing.assert_array_equal(latents, other_negative)
+
+
+def test_sizes_the_unet_cannot_take_are_refused_by_prompt(sampler):
+    params = resolve_params(tiny_prompt(width=72), "ddim")  # latents 9 wide: halved twice, not rejoinable
+    with pytest.raises(UserError, match=r"sample prompt 'a red cat': size 72x96 .* multiples of 32"):
+        sampler.generate_latents(params)
 
 
 def test_decode_maps_the_vae_range_to_pixels(sampler, models):
