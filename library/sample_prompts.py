@@ -68,6 +68,7 @@ def load_sample_prompts(path: str) -> List[SamplePrompt]:
     with open(path, "r", encoding="utf-8") as handle:
         text = handle.read()
     if extension == ".txt":
+        # As in sd-scripts, only a "#" in the first column makes a comment.
         entries = [(line, f"{path} line {number}") for number, line in enumerate(text.splitlines(), 1)
                    if line.strip() and not line.startswith("#")]
     elif extension == ".toml":

@@ -1,3 +1,4 @@
+import dataclasses
 import logging
 import os
 import time
@@ -146,7 +147,7 @@ def test_scale_one_never_uses_the_negative_prompt(sampler):
     # Without guidance sd-scripts skips the unconditional pass, so the negative prompt cannot matter.
     params = resolve_params(tiny_prompt(scale=1.0, sample_steps=2), "ddim")
     latents = sampler.generate_latents(params)
-    other_negative = sampler.generate_latents(GenerationParams(**{**params.__dict__, "negative_prompt": "sharp"}))
+    other_negative = sampler.generate_latents(dataclasses.replace(params, negative_prompt="sharp"))
     np.testing.assert_array_equal(latents, other_negative)
 
 
