@@ -549,7 +549,7 @@ class LoRANetwork:
         """Load a Kohya .safetensors file (--network_weights); returns this network's modules it lacks."""
         return self.load_state_dict(read_lora_file(file), os.fspath(file), list_unmatched)
 
-    def save_weights(self, file, dtype=None, metadata: Optional[Dict] = None) -> None:
+    def save_weights(self, file, dtype=None, metadata: Optional[Dict] = None, no_metadata: bool = False) -> None:
         """Write the Kohya file atomically: tensors in `dtype` (np.float16, ml_dtypes.bfloat16 or
         np.float32; None keeps float32), `metadata` finalised with the sshs_* hashes as sd-scripts does."""
         if not os.fspath(file).lower().endswith(".safetensors"):
@@ -557,7 +557,7 @@ class LoRANetwork:
         state = self.state_dict()
         if dtype is not None:
             state = {name: value.astype(dtype) for name, value in state.items()}
-        save_safetensors(state, file, finalize_lora_metadata(state, metadata or {}))
+        save_safetensors(state, file, finalize_lora_metadata(state, metadata or {}, no_metadata))
 
     # ---- Merging into the base weights (inference)
 
