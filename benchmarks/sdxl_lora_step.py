@@ -1,0 +1,138 @@
+"""Time N SDXL LoRA training steps through the project's real model, LoRA and train-step code.
+
+    python benchmarks/sdxl_lora_step.py --size full --resolution 256 --steps 6
+    python benchmarks/sdxl_lora_step.py --size tiny --resolution 64 --steps 10 --pynative
+
+Random weights (full: SDXL base configs from configs/sdxl_base), rank-8 UNet-only LoRA on sd-scripts'
+targets, cached-conditioning inputs of the right shapes, batch 1, fp32, AdamW. Prints compile time
+(first step), median s/step over steps 2..N, peak RSS and achieved GFLOP/s (a LoRA step is counted as
+twice the UNet forward: the forward, and the backward to the activations; weight gradients exist only
+for the small LoRA matrices).
+"""
+
+import argparse
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import mindspore as ms  # noqa: E402
+
+from library.diffusion import DiffusionTrainingMath, NoiseSettings  # noqa: E402
+from library.layers import weight_init  # noqa: E402
+from library.model_configs import sdxl_base_configs  # noqa: E402
+from library.optimizers import create_optimizer  # noqa: E402
+from library.sdxl_unet import SDXLUNet, UNetConfig  # noqa: E402
+from library.train_step import CachedConditioning, SDXLLoRALoss, TrainStepForSDXLLoRA  # noqa: E402
+from networks import lora  # noqa: E402
+from tools.make_tiny_sdxl import TINY_UNET  # noqa: E402
+
+MID_UNET = UNetConfig(model_channels=160, transformer_depth=(0, 1, 4), transformer_depth_middle=4, context_dim=1024,
+                      adm_in_channels=640 + 1536)
+
+
+def unet_forward_flops(config: UNetConfig, height: int, width: int, context_tokens: int = 77) -> float:
+    """Multiply-adds x 2 of every convolution, linear layer and attention product of one forward pass."""
+    flops = 0.0
+    emb = config.time_embed_dim
+    flops += 2 * (config.model_channels * emb + emb * emb + config.adm_in_channels * emb + emb * emb)
+
+    def conv(cin, cout, pixels, k=3):
+        return 2.0 * pixels * cin * cout * k * k
+
+    def resblock(cin, cout, pixels):
+        return conv(cin, cout, pixels) + conv(cout, cout, pixels) + 2.0 * emb * cout + (
+            conv(cin, cout, pixels, 1) if cin != cout else 0.0)
+
+    def transformer(ch, depth, tokens):
+        per_block = 2.0 * tokens * ch * ch * 4  # attn1 q, k, v, out
+        per_block += 2.0 * tokens * ch * ch * 2 + 2.0 * context_tokens * config.context_dim * ch * 2  # attn2
+        per_block += 2.0 * 2 * tokens * tokens * ch + 2.0 * 2 * tokens * context_tokens * ch  # attention products
+        per_block += 2.0 * tokens * ch * ch * 8 + 2.0 * tokens * ch * 4 * ch  # GEGLU ff
+        return depth * per_block + 2 * 2.0 * tokens * ch * ch  # proj_in, proj_out
+
+    h, w = height, width
+    ch = config.model_channels
+    flops += conv(config.in_channels, ch, h * w)
+    skips = [ch]
+    levels = len(config.channel_mult)
+    for level, mult in enumerate(config.channel_mult):
+        for _ in range(config.num_res_blocks):
+            out = mult * config.model_channels
+            flops += resblock(ch, out, h * w)
+            ch = out
+            if config.transformer_depth[level]:
+                flops += transformer(ch, config.transformer_depth[level], h * w)
+            skips.append(ch)
+        if level != levels - 1:
+            h, w = h // 2, w // 2
+            flops += conv(ch, ch, h * w)
+            skips.append(ch)
+    flops += 2 * resblock(ch, ch, h * w) + transformer(ch, config.transformer_depth_middle, h * w)
+    for level, mult in reversed(list(enumerate(config.channel_mult))):
+        for index in range(config.num_res_blocks + 1):
+            out = mult * config.model_channels
+            flops += resblock(ch + skips.pop(), out, h * w)
+            ch = out
+            if config.transformer_depth[level]:
+                flops += transformer(ch, config.transformer_depth[level], h * w)
+            if level and index == config.num_res_blocks:
+                h, w = h * 2, w * 2
+                flops += conv(ch, ch, h * w)
+    return flops + conv(ch, config.out_channels, h * w)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=("tiny", "mid", "full"), default="tiny")
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--pynative", action="store_true")
+    args = parser.parse_args(argv)
+
+    config = {"tiny": TINY_UNET, "mid": MID_UNET, "full": sdxl_base_configs()[0]}[args.size]
+    start = time.perf_counter()
+    with weight_init(seed=0):
+        unet = SDXLUNet(config)
+    build_seconds = time.perf_counter() - start
+    network = lora.create_network(1.0, args.rank, args.rank / 2, None, [], unet)
+    network.apply_to([], unet, apply_text_encoder=False, apply_unet=True)
+    adapter = {id(p) for p in network.adapter_params()}
+    for _, param in unet.parameters_and_names():
+        param.requires_grad = id(param) in adapter
+    groups, _ = network.prepare_optimizer_params(None, None, 1e-4)
+    optimizer, _, _ = create_optimizer("AdamW", groups, 1e-4)
+    step = TrainStepForSDXLLoRA(SDXLLoRALoss(unet, CachedConditioning()), optimizer, 1.0)
+    run = step if args.pynative else ms.jit(step.construct)
+
+    side = args.resolution // 8
+    rng = np.random.default_rng(0)
+    math = DiffusionTrainingMath(NoiseSettings())
+    context = ms.Tensor(rng.standard_normal((1, 77, config.context_dim)).astype(np.float32))
+    pooled = ms.Tensor(rng.standard_normal((1, config.pooled_dim)).astype(np.float32))
+    sizes = ms.Tensor(np.array([[args.resolution] * 2 + [0, 0] + [args.resolution] * 2], np.float32))
+    times, losses = [], []
+    for _ in range(args.steps):
+        targets = math.prepare(rng.standard_normal((1, 4, side, side)).astype(np.float32), np.ones(1), rng)
+        inputs = (ms.Tensor(targets.noisy_latents), ms.Tensor(targets.target), ms.Tensor(targets.timesteps), sizes,
+                  ms.Tensor(targets.loss_weights), ms.Tensor(targets.huber_c), context, pooled,
+                  ms.Tensor(np.zeros((), np.float32)))
+        start = time.perf_counter()
+        losses.append(float(run(*inputs)[0].asnumpy()))
+        times.append(time.perf_counter() - start)
+        print(f"step {len(times)}: {times[-1]:.2f} s, loss {losses[-1]:.4f}", flush=True)
+    steady = float(np.median(times[1:])) if len(times) > 1 else float("nan")
+    flops = 2 * unet_forward_flops(config, side, side)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"size={args.size} resolution={args.resolution} mode={'pynative' if args.pynative else 'graph'} "
+          f"build={build_seconds:.1f}s first_step={times[0]:.1f}s median_step={steady:.2f}s "
+          f"peak_rss={peak:.2f}GiB step_gflop={flops / 1e9:.1f} achieved_gflops={flops / 1e9 / steady:.1f}")
+
+
+if __name__ == "__main__":
+    main()
