@@ -32,7 +32,7 @@ from library.samplers import check_sampler_name, make_sampler, run_sampler
 from library.sdxl_unet import SizeEmbedding
 from library.sdxl_vae import SDXL_VAE_SCALE_FACTOR
 from library.text_encoders import SDXLTextEncoding, eos_mask
-from library.tokenizers import TOKENS_PER_CHUNK, _chunk, chunk_count
+from library.tokenizers import TOKENS_PER_CHUNK, chunk_count, chunk_ids
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def tokenize_weighted(tokenizer, text: str, max_token_length: Optional[int]) -> 
         ids, weights = ids[:capacity], weights[:capacity]
     padding = capacity - len(ids)
     row = np.array([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id, *[tokenizer.pad_token_id] * padding])
-    chunks = np.stack([_chunk(row, index, tokenizer) for index in range(n_chunks)]).astype(np.int32)
+    chunks = np.stack([chunk_ids(row, index, tokenizer) for index in range(n_chunks)]).astype(np.int32)
     return chunks, np.array([1.0, *weights, *[1.0] * (padding + 1)], dtype=np.float32)
 
 

@@ -113,11 +113,11 @@ def tokenize_prompts(tokenizer: CLIPTokenizer, prompts: list[str], max_token_len
         max_length=n_chunks * TOKENS_PER_CHUNK + 2,
         return_tensors="np",
     ).input_ids
-    chunks = [[_chunk(row, index, tokenizer) for index in range(n_chunks)] for row in ids]
+    chunks = [[chunk_ids(row, index, tokenizer) for index in range(n_chunks)] for row in ids]
     return np.asarray(chunks, dtype=np.int32).reshape(len(ids), n_chunks, CHUNK_LENGTH)
 
 
-def _chunk(ids: np.ndarray, index: int, tokenizer: CLIPTokenizer) -> np.ndarray:
+def chunk_ids(ids: np.ndarray, index: int, tokenizer: CLIPTokenizer) -> np.ndarray:
     """Window `index` of a padded id row: the row's first id, 75 ids from the middle, the row's last id."""
     start = 1 + index * TOKENS_PER_CHUNK
     chunk = np.concatenate([ids[:1], ids[start : start + TOKENS_PER_CHUNK], ids[-1:]])
