@@ -161,10 +161,19 @@ def vae_config_from_diffusers(raw: dict, source: str) -> VAEConfig:
 
 
 def vae_config_from_ldm_shapes(shapes: Shapes) -> VAEConfig:
+    return _vae_config_from_shapes(shapes, "down", "block")
+
+
+def vae_config_from_diffusers_shapes(shapes: Shapes) -> VAEConfig:
+    return _vae_config_from_shapes(shapes, "down_blocks", "resnets")
+
+
+def _vae_config_from_shapes(shapes: Shapes, levels_name: str, blocks_name: str) -> VAEConfig:
+    """The two layouts differ only in the names of the encoder's level and block lists."""
     ch, in_channels = shapes["encoder.conv_in.weight"][:2]
-    levels = len({name.split(".")[2] for name in shapes if name.startswith("encoder.down.")})
-    blocks = len({name.split(".")[4] for name in shapes if name.startswith("encoder.down.0.block.")})
-    mult = tuple(shapes[f"encoder.down.{level}.block.0.conv1.weight"][0] // ch for level in range(levels))
+    levels = len({name.split(".")[2] for name in shapes if name.startswith(f"encoder.{levels_name}.")})
+    blocks = len({name.split(".")[4] for name in shapes if name.startswith(f"encoder.{levels_name}.0.{blocks_name}.")})
+    mult = tuple(shapes[f"encoder.{levels_name}.{level}.{blocks_name}.0.conv1.weight"][0] // ch for level in range(levels))
     return VAEConfig(ch=ch, ch_mult=mult, num_res_blocks=blocks, z_channels=shapes["post_quant_conv.weight"][0],
                      in_channels=in_channels)
 

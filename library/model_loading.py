@@ -25,6 +25,7 @@ from library.model_configs import (
     unet_config_from_sgm_shapes,
     unet_config_to_diffusers,
     vae_config_from_diffusers,
+    vae_config_from_diffusers_shapes,
     vae_config_from_ldm_shapes,
     vae_config_to_diffusers,
 )
@@ -231,7 +232,7 @@ def _load_vae_file(path: str, config: Optional[VAEConfig]) -> AutoencoderKL:
         else:
             state = {n: reader.read_float32(n) for n in names}
         if any(n.startswith("encoder.down_blocks.") for n in state):
-            guess = config or _vae_config_from_diffusers_shapes({n: v.shape for n, v in state.items()})
+            guess = config or vae_config_from_diffusers_shapes({n: v.shape for n, v in state.items()})
             state = conv.vae_diffusers_to_ldm(state, guess)
         if not any(n.startswith("encoder.down.") for n in state):
             raise UserError(f"{path}: not an SDXL VAE (no encoder.down.* or encoder.down_blocks.* tensors)")
@@ -240,15 +241,6 @@ def _load_vae_file(path: str, config: Optional[VAEConfig]) -> AutoencoderKL:
         vae = AutoencoderKL(config)
     load_into_cell(vae, ((n, v.shape, lambda v=v: v) for n, v in state.items()), lambda n: n, path, "VAE")
     return vae
-
-
-def _vae_config_from_diffusers_shapes(shapes) -> VAEConfig:
-    ch, in_channels = shapes["encoder.conv_in.weight"][:2]
-    levels = len({n.split(".")[2] for n in shapes if n.startswith("encoder.down_blocks.")})
-    blocks = len({n.split(".")[4] for n in shapes if n.startswith("encoder.down_blocks.0.resnets.")})
-    mult = tuple(shapes[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"][0] // ch for i in range(levels))
-    return VAEConfig(ch=ch, ch_mult=mult, num_res_blocks=blocks, z_channels=shapes["post_quant_conv.weight"][0],
-                     in_channels=in_channels)
 
 
 # ---- Entry point ----------------------------------------------------------------------------------
