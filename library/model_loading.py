@@ -29,7 +29,7 @@ from library.model_configs import (
     vae_config_from_ldm_shapes,
     vae_config_to_diffusers,
 )
-from library.safetensors_io import open_safetensors, refuse_pickle, save_safetensors
+from library.safetensors_io import open_safetensors, refuse_pickle, save_safetensors, save_safetensors_streaming
 from library.sdxl_unet import SDXLUNet, UNetConfig
 from library.sdxl_vae import AutoencoderKL, VAEConfig
 from library.text_encoders import build_text_encoder, clip_config_from_hf_shapes
@@ -264,23 +264,34 @@ def cell_state(cell: nn.Cell, rename=lambda n: n) -> Dict[str, np.ndarray]:
     return {rename(name): p.asnumpy() for name, p in cell.parameters_and_names()}
 
 
-def single_file_state(models: SDXLModels) -> Dict[str, np.ndarray]:
-    state = {conv.UNET_PREFIX + n: v for n, v in cell_state(models.unet).items()}
-    state.update({conv.VAE_PREFIX + n: v for n, v in cell_state(models.vae).items()})
-    state.update({conv.TE1_PREFIX + n: v for n, v in cell_state(models.text_encoder1, conv.mindone_to_hf_clip_name).items()})
+def _cell_entries(cell: nn.Cell, prefix: str, dtype, rename=lambda n: n):
+    """Streamed tensors of a cell: each parameter is copied out only when its bytes are written."""
+    for name, param in cell.parameters_and_names():
+        out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(np.float32)
+        yield prefix + rename(name), tuple(param.shape), out_dtype, lambda p=param: p.asnumpy().astype(out_dtype)
+
+
+def single_file_entries(models: SDXLModels, dtype=None):
+    """Every tensor of the Stability-style single file, as streamed (name, shape, dtype, read) entries."""
+    entries = list(_cell_entries(models.unet, conv.UNET_PREFIX, dtype))
+    entries += _cell_entries(models.vae, conv.VAE_PREFIX, dtype)
+    entries += _cell_entries(models.text_encoder1, conv.TE1_PREFIX, dtype, conv.mindone_to_hf_clip_name)
+    # Text encoder 2 is re-fused into open_clip's layout (q/k/v into in_proj) as a whole: ~3 GB at full size.
     te2 = cell_state(models.text_encoder2, conv.mindone_to_hf_clip_name)
     if models.logit_scale is not None:
         te2["logit_scale"] = models.logit_scale
-    state.update({conv.TE2_PREFIX + n: v for n, v in conv.hf_to_open_clip(te2).items()})
-    return state
+    for name, value in conv.hf_to_open_clip(te2).items():
+        value = value.astype(dtype) if dtype is not None else value
+        entries.append((conv.TE2_PREFIX + name, value.shape, value.dtype, lambda v=value: v))
+    return entries
+
+
+def save_single_file(models: SDXLModels, path: str, dtype=None) -> None:
+    save_safetensors_streaming(single_file_entries(models, dtype), path)
 
 
 def _cast_all(state, dtype):
     return {n: (v.astype(dtype) if dtype is not None else v) for n, v in state.items()}
-
-
-def save_single_file(models: SDXLModels, path: str, dtype=None) -> None:
-    save_safetensors(_cast_all(single_file_state(models), dtype), path)
 
 
 def save_diffusers_folder(models: SDXLModels, folder: str, dtype=None) -> None:

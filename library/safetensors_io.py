@@ -6,8 +6,10 @@ at a time, so multi-gigabyte checkpoints never have to fit in memory at once.
 bfloat16 tensors are `ml_dtypes.bfloat16` numpy arrays on both sides.
 """
 
+import json
 import os
 import secrets
+from typing import Callable, Iterable, Tuple
 
 import ml_dtypes
 import numpy as np
@@ -21,13 +23,50 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 def save_safetensors(tensors: dict[str, np.ndarray], path, metadata: dict[str, str] | None = None) -> None:
     """Write `tensors` (and string `metadata`) to `path`, replacing any existing file atomically."""
+    _write_atomically(path, lambda handle: handle.write(serialize_safetensors(tensors, metadata)))
+
+
+_DTYPE_TAGS = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16",
+               np.dtype(np.int64): "I64", np.dtype(np.int32): "I32"}
+
+# (name, shape, dtype, read) where read() returns the array; called once, when its bytes are written.
+StreamedTensor = Tuple[str, Tuple[int, ...], np.dtype, Callable[[], np.ndarray]]
+
+
+def save_safetensors_streaming(entries: Iterable[StreamedTensor], path, metadata: dict[str, str] | None = None) -> None:
+    """Like `save_safetensors`, but each tensor is produced and written one at a time, so a checkpoint
+    larger than free memory can be written. The header is built from the declared shapes and dtypes."""
+    entries = sorted(entries, key=lambda entry: entry[0])
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = metadata
+    for name, shape, dtype, _ in entries:
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _DTYPE_TAGS[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+
+    def write(handle):
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for name, shape, dtype, read in entries:
+            array = np.require(np.asarray(read(), dtype=dtype), requirements="C")
+            if tuple(array.shape) != tuple(shape):
+                raise ValueError(f"{name}: declared shape {list(shape)}, produced {list(array.shape)}")
+            handle.write(array.tobytes())
+
+    _write_atomically(path, write)
+
+
+def _write_atomically(path, write: Callable) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     # Not tempfile.mkstemp: its 0600 mode would stick to the saved model; "x" honours the umask.
     temp_path = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     try:
         with open(temp_path, "xb") as temp_file:
-            temp_file.write(serialize_safetensors(tensors, metadata))
+            write(temp_file)
             temp_file.flush()
             os.fsync(temp_file.fileno())
         os.replace(temp_path, path)

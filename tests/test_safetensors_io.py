@@ -184,3 +184,40 @@ def test_pickle_checkpoints_are_refused_unless_allowed(name):
 
 def test_safetensors_is_never_refused():
     refuse_pickle("/models/sdxl.safetensors")
+
+
+def test_streaming_writer_matches_in_memory_writer(tmp_path):
+    import ml_dtypes
+
+    from library.safetensors_io import save_safetensors_streaming
+
+    rng = np.random.default_rng(0)
+    tensors = {
+        "b.weight": rng.standard_normal((3, 5)).astype(np.float16),
+        "a.bias": rng.standard_normal(7).astype(np.float32),
+        "c": rng.standard_normal((2, 2, 3)).astype(ml_dtypes.bfloat16),
+        "alpha": np.array(4.0, np.float16),
+    }
+    streamed = tmp_path / "streamed.safetensors"
+    save_safetensors_streaming(
+        [(name, value.shape, value.dtype, lambda value=value: value) for name, value in tensors.items()],
+        streamed, {"k": "v"})
+    with open_safetensors(streamed) as reader:
+        assert reader.metadata == {"k": "v"}
+        assert sorted(reader.keys()) == sorted(tensors)
+        for name, value in tensors.items():
+            assert reader.read(name).dtype == value.dtype
+            np.testing.assert_array_equal(reader.read(name), value)
+
+
+def test_streaming_writer_leaves_nothing_when_a_tensor_fails(tmp_path):
+    from library.safetensors_io import save_safetensors_streaming
+
+    target = tmp_path / "model.safetensors"
+
+    def broken():
+        raise RuntimeError("producer failed")
+
+    with pytest.raises(RuntimeError):
+        save_safetensors_streaming([("x", (2,), np.float32, broken)], target)
+    assert list(tmp_path.iterdir()) == []
