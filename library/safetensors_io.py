@@ -147,7 +147,12 @@ class SafetensorsReader:
 
     def read(self, name: str) -> np.ndarray:
         """One tensor in its stored dtype (BF16 comes back as `ml_dtypes.bfloat16`)."""
-        return self._file.get_tensor(name)
+        array = self._file.get_tensor(name)
+        # MindSpore registers a numpy bfloat16 of its own; whichever was registered first is what
+        # safetensors returns, so normalise to ml_dtypes' type (same bits).
+        if array.dtype.name == "bfloat16" and array.dtype != ml_dtypes.bfloat16:
+            array = array.view(ml_dtypes.bfloat16)
+        return array
 
     def read_float32(self, name: str) -> np.ndarray:
         return to_float32(self.read(name))
@@ -180,10 +185,10 @@ def is_pickle_checkpoint(path) -> bool:
     return os.fspath(path).lower().endswith(PICKLE_SUFFIXES)
 
 
-def refuse_pickle(path, allow_pickle: bool = False) -> None:
-    """Stop before unpickling a checkpoint unless the user opted in: unpickling can run arbitrary code."""
-    if is_pickle_checkpoint(path) and not allow_pickle:
+def refuse_pickle(path) -> None:
+    """Stop before a pickle checkpoint: unpickling can run arbitrary code, and reading one needs torch."""
+    if is_pickle_checkpoint(path):
         raise UserError(
-            f"{os.fspath(path)} is a pickle checkpoint, which can run arbitrary code when loaded; "
-            "convert it to .safetensors or pass --allow_pickle_checkpoint if you trust it"
+            f"{os.fspath(path)} is a pickle checkpoint, which this trainer does not load (unpickling can run "
+            "arbitrary code); convert it to .safetensors"
         )

@@ -2,7 +2,7 @@
 
 A sd-scripts user's command line and training TOML work here unchanged. `setup_parser()` registers
 every argument sd-scripts' `sdxl_train_network.py` registers, with the same names, types, choices
-and defaults, plus three of our own (`--pynative`, `--allow_pickle_checkpoint`, and the dataset's
+and defaults, plus two of our own (`--pynative` and the dataset's
 `--skip_bad_images`). Arguments we cannot honour exactly stay registered, so their names are
 recognised, but setting one is refused by name (`UNSUPPORTED_ARGUMENTS`, `UNSUPPORTED_VALUES`).
 
@@ -294,7 +294,6 @@ def _add_network_arguments(parser):
 def _add_our_arguments(parser):
     add = parser.add_argument
     add("--pynative", action="store_true", help="(ours) run the train step eagerly for debugging; default compiles it")
-    add("--allow_pickle_checkpoint", action="store_true", help="(ours) allow .ckpt/.pt pickle files (can run code)")
 
 
 def _mark_unsupported_in_help(parser):

@@ -198,7 +198,7 @@ def test_missing_paths_and_components_are_clear_errors(tiny_sdxl_files, tmp_path
     _expect_error(broken, "text_encoder_2")
     pickle = tmp_path / "model.ckpt"
     pickle.write_bytes(b"not really")
-    _expect_error(pickle, "pickle", "--allow_pickle_checkpoint")
+    _expect_error(pickle, "pickle", "convert it to .safetensors")
 
 
 def test_missing_and_misshaped_keys_are_named_with_counts(tiny_sdxl_files, tmp_path):

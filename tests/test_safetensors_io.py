@@ -175,11 +175,10 @@ def test_to_float32_upcasts_half_precisions_exactly():
 
 
 @pytest.mark.parametrize("name", ["model.ckpt", "model.PT", "weights.pth", "pytorch_model.bin"])
-def test_pickle_checkpoints_are_refused_unless_allowed(name):
-    with pytest.raises(UserError, match="--allow_pickle_checkpoint") as error:
+def test_pickle_checkpoints_are_refused(name):
+    with pytest.raises(UserError, match="convert it to .safetensors") as error:
         refuse_pickle(f"/models/{name}")
     assert f"/models/{name}" in str(error.value)
-    refuse_pickle(f"/models/{name}", allow_pickle=True)
 
 
 def test_safetensors_is_never_refused():

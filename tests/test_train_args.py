@@ -50,7 +50,7 @@ validation_split validate_every_n_steps validate_every_n_epochs max_validation_s
 cache_text_encoder_outputs_to_disk disable_mmap_load_safetensors
 """.split()
 
-OUR_ARGUMENTS = {"pynative", "allow_pickle_checkpoint", "skip_bad_images"}
+OUR_ARGUMENTS = {"pynative", "skip_bad_images"}
 
 # argument -> default in sd-scripts' parser, read from its source (train_util.py, train_network.py,
 # sdxl_train_util.py, custom_train_functions.py, deepspeed_utils.py, utils.py, sai_model_spec.py)
@@ -457,5 +457,5 @@ def test_output_config_needs_config_file():
 
 def test_our_additions_default_off():
     args = parse_args(REQUIRED)
-    assert (args.pynative, args.allow_pickle_checkpoint, args.skip_bad_images) == (False, False, False)
+    assert (args.pynative, args.skip_bad_images) == (False, False)
     assert isinstance(args, argparse.Namespace)
