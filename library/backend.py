@@ -5,6 +5,10 @@ MindSpore 2.10's CPU backend lacks kernels for several `mint` ops that the Ascen
 Conv2D kernel is 30-70x slower than the same convolution as unfold + matmul. Every op below picks
 the `mint` op mindone's models use on Ascend/GPU, and a measured equivalent on CPU. Nothing else in
 the project asks which device it runs on.
+
+Zero padding on CPU avoids `ops.pad`: the CPU kernel of its gradient (PadV3Grad) keeps state between
+launches of a compiled graph, returning a wrong gradient on the second launch, zeros on the third, and
+then spinning forever, so every jitted training step through a padded convolution hung at step 3.
 """
 
 import math
@@ -68,7 +72,13 @@ def pad(x, padding):
     """Zero padding, `padding` as (left, right, top, bottom) for the last two axes."""
     if not on_cpu():
         return mint.nn.functional.pad(x, padding)
-    return ops.pad(x, padding)
+    return _zero_pad_on_cpu(x, padding)
+
+
+def _zero_pad_on_cpu(x, padding):
+    # The older Pad primitive: its gradient is a plain slice, correct on every launch (see the module docstring).
+    left, right, top, bottom = padding
+    return ops.Pad(((0, 0),) * (x.ndim - 2) + ((top, bottom), (left, right)))(x)
 
 
 def conv2d(x, weight, bias, stride: int = 1, padding: int = 0):
@@ -87,7 +97,7 @@ def _conv2d_as_matmul(x, weight, bias, stride, padding):
         y = mint.matmul(weight.reshape(out_channels, channels), x.reshape(batch, channels, height * width))
     else:
         if padding:
-            x = ops.pad(x, (padding, padding, padding, padding))
+            x = _zero_pad_on_cpu(x, (padding, padding, padding, padding))
         kernel_matrix = weight.reshape(out_channels, channels * kernel * kernel)
         bytes_per_row = batch * channels * kernel * kernel * out_w * x.itemsize
         rows_per_band = max(1, min(out_h, _MAX_UNFOLD_BYTES // max(bytes_per_row, 1)))

@@ -43,6 +43,53 @@ def test_conv2d_in_row_bands_equals_one_pass(monkeypatch):
     np.testing.assert_allclose(whole, _conv_reference(x.asnumpy(), w.asnumpy(), b.asnumpy(), 2, 1), rtol=1e-4, atol=1e-4)
 
 
+def _conv_input_gradient_reference(upstream, w, input_shape, stride, padding):
+    """d(sum(upstream * conv(x))) / dx, scattering each output position back onto its input patch."""
+    n, c, h, wd = input_shape
+    k = w.shape[-1]
+    dxp = np.zeros((n, c, h + 2 * padding, wd + 2 * padding), np.float64)
+    for i in range(upstream.shape[2]):
+        for j in range(upstream.shape[3]):
+            dxp[:, :, i * stride : i * stride + k, j * stride : j * stride + k] += np.einsum(
+                "no,ockl->nckl", upstream[:, :, i, j], w
+            )
+    return dxp[:, :, padding : padding + h, padding : padding + wd]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_compiled_conv2d_gradient_is_right_on_every_launch(stride):
+    # On CPU, ops.pad's gradient kernel went wrong on the second launch of a compiled graph and hung on the third.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 6, 5)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    b = np.zeros(4, np.float32)
+    out_shape = _conv_reference(x, w, b, stride, 1).shape
+    upstream = rng.standard_normal(out_shape).astype(np.float32)
+
+    def weighted_sum(x, upstream):
+        return (backend.conv2d(x, ms.Tensor(w), ms.Tensor(b), stride, 1) * upstream).sum()
+
+    gradient = ms.jit(ms.grad(weighted_sum))
+    expected = _conv_input_gradient_reference(upstream, w, x.shape, stride, 1)
+    for _ in range(4):
+        got = gradient(ms.Tensor(x), ms.Tensor(upstream)).asnumpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_pad_gradient_is_right_on_every_launch():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((1, 2, 3, 4)).astype(np.float32)
+    upstream = rng.standard_normal((1, 2, 4, 5)).astype(np.float32)
+
+    def weighted_sum(x, upstream):
+        return (backend.pad(x, (0, 1, 0, 1)) * upstream).sum()
+
+    gradient = ms.jit(ms.grad(weighted_sum))
+    for _ in range(4):
+        got = gradient(ms.Tensor(x), ms.Tensor(upstream)).asnumpy()
+        np.testing.assert_array_equal(got, upstream[:, :, :3, :4])
+
+
 def test_group_norm():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 8, 3, 3)).astype(np.float32)
