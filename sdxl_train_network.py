@@ -83,7 +83,7 @@ class SdxlNetworkTrainer(NetworkTrainer):
                 ms.Tensor(sizes.astype(np.float32)), ms.Tensor(targets.loss_weights), ms.Tensor(targets.huber_c),
                 *text)
 
-    def sample_images(self, args, models, epoch, step, force=False):
+    def sample_images(self, args, models, epoch, step):
         if not args.sample_prompts:
             return
         from library.sample_prompts import load_sample_prompts
@@ -96,7 +96,7 @@ class SdxlNetworkTrainer(NetworkTrainer):
         os.makedirs(output_dir, exist_ok=True)
         for index, prompt in enumerate(load_sample_prompts(args.sample_prompts)):
             sample = self._sampler.render(prompt)
-            name = sample_image_name(args.output_name, epoch if not force else None, step, index, prompt.seed)
+            name = sample_image_name(args.output_name, epoch, step, index, prompt.seed)
             save_sample_image(sample.image, output_dir, name, sample.params)
 
 

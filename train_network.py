@@ -74,8 +74,8 @@ class NetworkTrainer:
     def encode_images(self, models, images: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def sample_images(self, args, models, epoch, step, force=False):
-        pass
+    def sample_images(self, args, models, epoch, step):
+        """Render --sample_prompts; `epoch` is None for step samples (names then carry the step, as sd-scripts)."""
 
     def update_metadata(self, metadata, args):
         pass
@@ -178,7 +178,7 @@ class NetworkTrainer:
         recent_losses: List[float] = []
         micro_step = state.batch_in_epoch % args.gradient_accumulation_steps
         if state.global_step == 0 and args.sample_at_first:
-            self.sample_images(args, models, 0, 0, force=True)
+            self.sample_images(args, models, None, 0)
         try:
             while state.global_step < args.max_train_steps and state.epoch <= num_epochs:
                 for batch in dataset_group.iter_epoch(state.epoch, start_batch=state.batch_in_epoch):
@@ -206,7 +206,7 @@ class NetworkTrainer:
                     if args.save_every_n_steps and state.global_step % args.save_every_n_steps == 0:
                         self.save_checkpoint(args, network, optimizer, state, metadata, step_name=True)
                     if args.sample_every_n_steps and state.global_step % args.sample_every_n_steps == 0:
-                        self.sample_images(args, models, state.epoch, state.global_step)
+                        self.sample_images(args, models, None, state.global_step)
                     if interrupted["flag"]:
                         raise KeyboardInterrupt
                     if state.global_step >= args.max_train_steps:
