@@ -279,9 +279,9 @@ class NetworkTrainer:
             old = current - every * keep
             if old > 0:
                 old_name = (f"{args.output_name}-step{old:08d}" if step_name else f"{args.output_name}-{old:06d}")
-                for stale in (os.path.join(args.output_dir, old_name + ".safetensors"),):
-                    if os.path.exists(stale):
-                        os.remove(stale)
+                stale = os.path.join(args.output_dir, old_name + ".safetensors")
+                if os.path.exists(stale):
+                    os.remove(stale)
                 shutil.rmtree(os.path.join(args.output_dir, old_name + "-state"), ignore_errors=True)
 
     def save_state(self, args, network, optimizer, state, folder_name):
