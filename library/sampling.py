@@ -3,8 +3,10 @@
 `SDXLSampler.render(prompt)` follows sd-scripts' SDXL sample pipeline: prompts tokenized with their
 attention weights and --max_token_length chunks, classifier-free guidance against the negative
 prompt when the scale is above 1 (the unconditional half first), size conditioning of
-(height, width, 0, 0, height, width), initial noise times the sampler's init sigma, the VAE decoding
-latents / 0.13025, and pixels as round(255 * clip(image / 2 + 0.5, 0, 1)).
+(original height, original width, crop top, crop left, height, width) -- by default
+(height, width, 0, 0, height, width) -- for both halves, initial noise times the sampler's init sigma,
+the VAE decoding latents / 0.13025, and pixels as round(255 * clip(image / 2 + 0.5, 0, 1)).
+A second prompt, as sdxl_minimal_inference.py's --prompt2, goes to text encoder 2 only.
 
 Noise comes from numpy's generator seeded with the prompt's seed, so a seed gives the same image on
 every device (not the same as torch's generator: sd-scripts' images are not reproduced bit for bit).
@@ -12,6 +14,7 @@ The UNet, text encoders and VAE decoder are each compiled once and reused; a new
 switch between guided and unguided prompts compiles the UNet once more.
 """
 
+import json
 import logging
 import os
 import secrets
@@ -69,17 +72,44 @@ class GenerationParams:
     scale: float
     seed: int
     loras: Tuple[Tuple[str, float], ...] = ()  # (name, multiplier) of LoRAs applied to the model
+    # SDXL-only conditioning; None means what sd-scripts' training samples use (prompt, target size).
+    prompt2: Optional[str] = None  # text encoder 2's prompt (the negative prompt goes to both)
+    original_width: Optional[int] = None
+    original_height: Optional[int] = None
+    crop_top: Optional[int] = None
+    crop_left: Optional[int] = None
+
+    def size_conditioning(self) -> Tuple[int, int, int, int, int, int]:
+        """The six numbers SDXL embeds into y, in SGM's order: original (h, w), crop (top, left), target (h, w)."""
+        return (
+            self.height if self.original_height is None else self.original_height,
+            self.width if self.original_width is None else self.original_width,
+            self.crop_top or 0,
+            self.crop_left or 0,
+            self.height,
+            self.width,
+        )
 
     def infotext(self) -> str:
-        """A1111's "parameters" text; LoRAs appear as its <lora:name:multiplier> prompt tags."""
+        """A1111's "parameters" text; LoRAs appear as its <lora:name:multiplier> prompt tags.
+
+        Fields A1111 has no name for (prompt 2, original size, crop) are appended to the settings line
+        when set, the prompt JSON-quoted as A1111 quotes values, so its infotext parser still reads them.
+        """
         prompt = " ".join([self.prompt, *(f"<lora:{name}:{multiplier:g}>" for name, multiplier in self.loras)])
         lines = [prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
-        lines.append(
-            f"Steps: {self.steps}, Sampler: {A1111_SAMPLER_NAMES[self.sampler]}, CFG scale: {self.scale:g}, "
-            f"Seed: {self.seed}, Size: {self.width}x{self.height}"
-        )
+        settings = [f"Steps: {self.steps}", f"Sampler: {A1111_SAMPLER_NAMES[self.sampler]}",
+                    f"CFG scale: {self.scale:g}", f"Seed: {self.seed}", f"Size: {self.width}x{self.height}"]
+        if self.prompt2 is not None:
+            settings.append(f"Prompt 2: {json.dumps(self.prompt2, ensure_ascii=False)}")
+        if self.original_width is not None or self.original_height is not None:
+            original_height, original_width = self.size_conditioning()[:2]
+            settings.append(f"Original size: {original_width}x{original_height}")
+        if self.crop_top is not None or self.crop_left is not None:
+            settings += [f"Crop top: {self.crop_top or 0}", f"Crop left: {self.crop_left or 0}"]
+        lines.append(", ".join(settings))
         return "\n".join(lines)
 
 
@@ -157,10 +187,17 @@ class SDXLSampler:
         params = resolve_params(prompt, self.default_sampler, loras)
         return SampleImage(self.decode(self.generate_latents(params)), params)
 
-    def encode_prompts(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
-        """(context [B, n_chunks*75+2, D1+D2] with attention weights applied, pooled [B, P])."""
+    def encode_prompts(
+        self, texts: Sequence[str], texts2: Optional[Sequence[str]] = None
+    ) -> Tuple[np.ndarray, np.ndarray]:
+        """(context [B, n_chunks*75+2, D1+D2] with attention weights applied, pooled [B, P]).
+
+        Text encoder 1 reads `texts`, text encoder 2 reads `texts2` (default: the same texts), so the
+        pooled vector comes from `texts2`.
+        """
+        texts2 = texts if texts2 is None else texts2
         tokens1 = [tokenize_weighted(self.tokenizer1, text, self.max_token_length) for text in texts]
-        tokens2 = [tokenize_weighted(self.tokenizer2, text, self.max_token_length) for text in texts]
+        tokens2 = [tokenize_weighted(self.tokenizer2, text, self.max_token_length) for text in texts2]
         ids1 = np.concatenate([ids for ids, _ in tokens1])
         ids2 = np.concatenate([ids for ids, _ in tokens2])
         context, pooled = self._encode_text(ms.Tensor(ids1), ms.Tensor(ids2), ms.Tensor(eos_mask(ids2)))
@@ -181,15 +218,9 @@ class SDXLSampler:
             raise UserError(f"sample prompt {params.prompt!r}: size {params.width}x{params.height} is not supported; "
                             f"SDXL needs width and height in multiples of {multiple}")
         guided = params.scale > 1.0
-        # Both prompts are encoded even without guidance, so the text encoders compile for one batch size.
-        context, pooled = self.encode_prompts([params.negative_prompt, params.prompt])
-        if not guided:
-            context, pooled = context[1:], pooled[1:]
+        context, vector = self.conditioning(params)
         batch_size = len(context)
-        sizes = np.tile(np.array([[params.height, params.width, 0, 0, params.height, params.width]], np.float32),
-                        (batch_size, 1))
-        context = ms.Tensor(context)
-        vector = self._size_embedding(ms.Tensor(pooled), ms.Tensor(sizes))
+        context, vector = ms.Tensor(context), ms.Tensor(vector)
 
         def model(model_input: np.ndarray, timestep: float) -> np.ndarray:
             batch = np.repeat(model_input.astype(np.float32), batch_size, axis=0)
@@ -205,6 +236,21 @@ class SDXLSampler:
         noise = rng.standard_normal(shape).astype(np.float32)
         sampler = make_sampler(params.sampler, params.steps, self.prediction_type)
         return run_sampler(sampler, model, noise, rng).astype(np.float32)
+
+    def conditioning(self, params: GenerationParams) -> Tuple[np.ndarray, np.ndarray]:
+        """The UNet's (context, y): rows (negative prompt, prompt) when guided, only the prompt's otherwise.
+
+        y = [TE2's pooled vector, size embeddings of `params.size_conditioning()`], the same sizes for both rows.
+        """
+        prompt2 = params.prompt if params.prompt2 is None else params.prompt2
+        # Both prompts are encoded even without guidance, so the text encoders compile for one batch size.
+        context, pooled = self.encode_prompts([params.negative_prompt, params.prompt],
+                                              [params.negative_prompt, prompt2])
+        if params.scale <= 1.0:
+            context, pooled = context[1:], pooled[1:]
+        sizes = np.tile(np.array([params.size_conditioning()], np.float32), (len(pooled), 1))
+        vector = self._size_embedding(ms.Tensor(pooled), ms.Tensor(sizes)).asnumpy().astype(np.float32)
+        return context, vector
 
     def decode(self, latents: np.ndarray) -> Image.Image:
         image = self._decode(ms.Tensor((latents / SDXL_VAE_SCALE_FACTOR).astype(np.float32))).asnumpy()[0]
