@@ -188,6 +188,18 @@ def test_infotext_is_a1111_parameters():
     assert no_negative.infotext() == "a cat\nSteps: 2, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 1, Size: 64x64"
 
 
+def test_infotext_appends_sdxl_conditioning_only_when_set():
+    params = GenerationParams(prompt="a cat", negative_prompt="", width=64, height=96, steps=2, sampler="euler",
+                              scale=7.0, seed=1, prompt2='a "red", fluffy cat', original_height=768)
+    # A1111 JSON-quotes values holding commas; the unset original width is the target width.
+    assert params.infotext() == ('a cat\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x96, '
+                                 'Prompt 2: "a \\"red\\", fluffy cat", Original size: 64x768')
+    assert params.size_conditioning() == (768, 64, 0, 0, 96, 64)
+    cropped = dataclasses.replace(params, prompt2=None, original_height=None, crop_left=8)
+    assert cropped.infotext().endswith("Size: 64x96, Crop top: 0, Crop left: 8")
+    assert cropped.size_conditioning() == (96, 64, 0, 8, 96, 64)
+
+
 def test_saved_png_loads_back_with_its_parameters_and_is_never_overwritten(sampler, tmp_path):
     sample = sampler.render(tiny_prompt())
     folder = str(tmp_path / "sample")
