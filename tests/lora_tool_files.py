@@ -67,6 +67,24 @@ def delta(tensors, name, multiplier=1.0):
     return np.einsum("or,r...->o...", up_matrix, down) * alpha / rank * multiplier
 
 
+def stored_weight(checkpoint, spec):
+    """A module's base weight as a Stability single file stores it (TE2 in open_clip's layout), as a view
+    that can be changed in place."""
+    if spec.root == "unet":
+        return checkpoint[f"model.diffusion_model.{spec.path}.weight"]
+    if spec.root == "te1":
+        return checkpoint[f"conditioner.embedders.0.transformer.{spec.path}.weight"]
+    layer, module = spec.path.split(".")[3], ".".join(spec.path.split(".")[4:])
+    block = f"conditioner.embedders.1.model.transformer.resblocks.{layer}"
+    if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        third = ("q", "k", "v").index(module[len("self_attn.")])
+        fused = checkpoint[f"{block}.attn.in_proj_weight"]
+        rows = fused.shape[0] // 3
+        return fused[third * rows:(third + 1) * rows]
+    return checkpoint[{"self_attn.out_proj": f"{block}.attn.out_proj.weight", "mlp.fc1": f"{block}.mlp.c_fc.weight",
+                       "mlp.fc2": f"{block}.mlp.c_proj.weight"}[module]]
+
+
 def run_tool(script, *args):
     """Run networks/<script> as a command from the repository root; returns the CompletedProcess."""
     return subprocess.run([sys.executable, f"networks/{script}", *map(str, args)], cwd=REPO,

@@ -13,7 +13,7 @@ from mindspore import Tensor
 
 from library.model_hashes import precalculate_lora_hashes
 from library.model_loading import load_sdxl
-from lora_tool_files import MODULES, delta, load, random_lora, run_tool, tiny_modules, write
+from lora_tool_files import MODULES, delta, load, random_lora, run_tool, stored_weight, tiny_modules, write
 from networks import sdxl_merge_lora
 from networks.lora import create_network_from_weights
 from tools.make_tiny_sdxl import TINY_UNET
@@ -142,23 +142,6 @@ def test_different_ranks_need_concat_and_bad_lists_are_one_line(tmp_path, capsys
 
 
 # ---- LoRAs into a checkpoint ---------------------------------------------------------------------
-
-
-def stored_weight(checkpoint, spec):
-    """A module's base weight as a Stability single file stores it (TE2 in open_clip's layout)."""
-    if spec.root == "unet":
-        return checkpoint[f"model.diffusion_model.{spec.path}.weight"]
-    if spec.root == "te1":
-        return checkpoint[f"conditioner.embedders.0.transformer.{spec.path}.weight"]
-    layer, module = spec.path.split(".")[3], ".".join(spec.path.split(".")[4:])
-    block = f"conditioner.embedders.1.model.transformer.resblocks.{layer}"
-    if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-        third = ("q", "k", "v").index(module[len("self_attn.")])
-        fused = checkpoint[f"{block}.attn.in_proj_weight"]
-        rows = fused.shape[0] // 3
-        return fused[third * rows:(third + 1) * rows]
-    return checkpoint[{"self_attn.out_proj": f"{block}.attn.out_proj.weight", "mlp.fc1": f"{block}.mlp.c_fc.weight",
-                       "mlp.fc2": f"{block}.mlp.c_proj.weight"}[module]]
 
 
 def test_loras_merged_into_the_checkpoint_change_exactly_their_weights(tiny_sdxl_files, tmp_path):
