@@ -25,6 +25,25 @@ MODULES = [
     "lora_te2_text_model_encoder_layers_1_self_attn_k_proj",
 ]
 
+# The diffusers-layout Kohya names older files use for MODULES' UNet entries.
+DIFFUSERS_NAMES = {
+    "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q":
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
+    "lora_unet_output_blocks_2_1_transformer_blocks_0_attn2_to_k":
+        "lora_unet_up_blocks_0_attentions_2_transformer_blocks_0_attn2_to_k",
+    "lora_unet_input_blocks_4_0_in_layers_2": "lora_unet_down_blocks_1_resnets_0_conv1",
+    "lora_unet_input_blocks_4_0_skip_connection": "lora_unet_down_blocks_1_resnets_0_conv_shortcut",
+}
+
+
+def renamed(tensors, names):
+    """`tensors` with their module names replaced by `names` where it has them."""
+    out = {}
+    for key, value in tensors.items():
+        module, _, part = key.partition(".")
+        out[f"{names.get(module, module)}.{part}"] = value
+    return out
+
 
 def tiny_modules():
     """{Kohya name: LoRAModuleSpec} of the tiny SDXL."""

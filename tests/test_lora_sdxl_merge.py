@@ -13,29 +13,12 @@ from mindspore import Tensor
 
 from library.model_hashes import precalculate_lora_hashes
 from library.model_loading import load_sdxl
-from lora_tool_files import MODULES, delta, load, random_lora, run_tool, stored_weight, tiny_modules, write
+from lora_tool_files import (
+    DIFFUSERS_NAMES, MODULES, delta, load, random_lora, renamed, run_tool, stored_weight, tiny_modules, write,
+)
 from networks import sdxl_merge_lora
 from networks.lora import create_network_from_weights
 from tools.make_tiny_sdxl import TINY_UNET
-
-# The diffusers-layout Kohya names older files use for MODULES' UNet entries.
-DIFFUSERS_NAMES = {
-    "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q":
-        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
-    "lora_unet_output_blocks_2_1_transformer_blocks_0_attn2_to_k":
-        "lora_unet_up_blocks_0_attentions_2_transformer_blocks_0_attn2_to_k",
-    "lora_unet_input_blocks_4_0_in_layers_2": "lora_unet_down_blocks_1_resnets_0_conv1",
-    "lora_unet_input_blocks_4_0_skip_connection": "lora_unet_down_blocks_1_resnets_0_conv_shortcut",
-}
-
-
-def renamed(tensors, names):
-    out = {}
-    for key, value in tensors.items():
-        module, _, part = key.partition(".")
-        out[f"{names.get(module, module)}.{part}"] = value
-    return out
-
 
 def relative_error(got, expected):
     return np.linalg.norm(got - expected) / np.linalg.norm(expected)
