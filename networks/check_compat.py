@@ -23,7 +23,14 @@ from library.model_configs import sdxl_base_configs  # noqa: E402
 from library.safetensors_io import open_safetensors, refuse_pickle  # noqa: E402
 from networks.checkpoint_weights import SDXLCheckpointWeights  # noqa: E402
 from networks.lora import NETWORK_MODULE  # noqa: E402
-from networks.lora_weights import ALPHA, DOWN, LYCORIS_MARKERS, UP, diffusers_lora_names, parse_lora_tensors  # noqa: E402
+from networks.lora_weights import (  # noqa: E402
+    ALPHA,
+    DOWN,
+    LYCORIS_MARKERS,
+    UP,
+    diffusers_lora_names,
+    parse_lora_tensors,
+)
 from networks.sdxl_lora_modules import LoRAModuleSpec, sdxl_lora_modules  # noqa: E402
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_")
@@ -55,7 +62,8 @@ KINDS = {
         comfyui="loaded"),
     "text_projection": KeyKind(
         "text_projection LoRA", True, True, here="refused: text_projection is not a networks.lora target",
-        sd_scripts="ignored (networks.lora has no such module)", comfyui="applied to the text encoder's text_projection"),
+        sd_scripts="ignored (networks.lora has no such module)",
+        comfyui="applied to the text encoder's text_projection"),
     "lycoris": KeyKind(
         "LyCORIS tensors (LoHa/LoKr/LoCon mid/DoRA/OFT)", True, True, here="refused: plain LoRA only",
         sd_scripts="ignored by networks.lora (they need LyCORIS' network module)", comfyui="loaded"),

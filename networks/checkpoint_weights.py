@@ -14,7 +14,12 @@ import numpy as np
 
 from library import model_conversion as conv
 from library.errors import UserError
-from library.model_configs import clip_config_from_folder, read_json, unet_config_from_diffusers, unet_config_from_sgm_shapes
+from library.model_configs import (
+    clip_config_from_folder,
+    read_json,
+    unet_config_from_diffusers,
+    unet_config_from_sgm_shapes,
+)
 from library.model_loading import DIFFUSERS_WEIGHT_FILES
 from library.safetensors_io import open_safetensors, refuse_pickle
 from library.text_encoders import clip_config_from_hf_shapes

@@ -44,7 +44,8 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load_precision", type=str, default=None,
                         help="round the models' weights to float, fp16 or bf16 before subtracting")
     parser.add_argument("--save_precision", type=str, default=None, help="float (default), fp16 or bf16")
-    parser.add_argument("--model_org", type=str, required=True, help="original model: .safetensors file or diffusers folder")
+    parser.add_argument("--model_org", type=str, required=True,
+                        help="original model: .safetensors file or diffusers folder")
     parser.add_argument("--model_tuned", type=str, required=True,
                         help="tuned model; the LoRA is the difference original -> tuned")
     parser.add_argument("--save_to", type=str, required=True, help="output .safetensors file")
@@ -55,11 +56,12 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clamp_quantile", type=float, default=0.99,
                         help="clamp the factors' values to this quantile of them (0-1, default 0.99)")
     parser.add_argument("--min_diff", type=float, default=0.01,
-                        help="the text encoders are extracted only if a weight differs by more than this (default 0.01)")
+                        help="the text encoders are extracted only if one of their weights differs by more than "
+                             "this (default 0.01)")
     parser.add_argument("--no_metadata", action="store_true",
                         help="do not save sai modelspec metadata (the minimum ss_* metadata is saved)")
-    parser.add_argument("--load_original_model_to", type=str, default=None, help="accepted for sd-scripts commands: cpu only")
-    parser.add_argument("--load_tuned_model_to", type=str, default=None, help="accepted for sd-scripts commands: cpu only")
+    for flag in ("--load_original_model_to", "--load_tuned_model_to"):
+        parser.add_argument(flag, type=str, default=None, help="accepted for sd-scripts commands: cpu only")
     return parser
 
 
@@ -121,7 +123,8 @@ def extraction_metadata(dim: int, conv_dim: Optional[int], v_parameterization: b
     }
     if not no_metadata:
         title = os.path.splitext(os.path.basename(save_to))[0]
-        metadata.update(build_modelspec(title=title, v_parameterization=bool(v_parameterization), timestamp=time.time()))
+        metadata.update(build_modelspec(title=title, v_parameterization=bool(v_parameterization),
+                                        timestamp=time.time()))
     return metadata
 
 

@@ -39,7 +39,8 @@ def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--save_precision", type=str, default=None,
                         help="precision in saving, float if omitted: float, fp16 or bf16")
-    parser.add_argument("--new_rank", type=int, default=4, help="rank of the output LoRA (the maximum, with --dynamic_method)")
+    parser.add_argument("--new_rank", type=int, default=4,
+                        help="rank of the output LoRA (the maximum, with --dynamic_method)")
     parser.add_argument("--new_conv_rank", type=int, default=None,
                         help="rank for Conv2d modules, --new_rank if omitted")
     parser.add_argument("--save_to", type=str, default=None, help="output .safetensors file")
@@ -130,7 +131,8 @@ def _check_args(args) -> None:
     if args.save_to is None or not args.save_to.lower().endswith(".safetensors"):
         raise UserError(f"--save_to {args.save_to}: give a .safetensors output file (.ckpt/.pt are not written)")
     if args.dynamic_method is not None and args.dynamic_method not in DYNAMIC_METHODS:
-        raise UserError(f"--dynamic_method {args.dynamic_method}: unknown method (choose from {', '.join(DYNAMIC_METHODS)})")
+        raise UserError(f"--dynamic_method {args.dynamic_method}: unknown method "
+                        f"(choose from {', '.join(DYNAMIC_METHODS)})")
     if args.dynamic_method is not None and not (args.dynamic_param or 0) > 0:
         raise UserError(f"--dynamic_method {args.dynamic_method} needs a positive --dynamic_param")
     for flag, rank in (("--new_rank", args.new_rank), ("--new_conv_rank", args.new_conv_rank)):

@@ -36,7 +36,14 @@ from library.safetensors_io import read_metadata, save_safetensors, save_safeten
 from networks.lora import NETWORK_MODULE, lora_targets  # noqa: E402
 from networks.lora_files import read_lora_modules  # noqa: E402
 from networks.lora_math import lora_delta  # noqa: E402
-from networks.lora_weights import ALPHA, DOWN, UP, diffusers_lora_names, parse_lora_tensors, read_lora_file  # noqa: E402
+from networks.lora_weights import (  # noqa: E402
+    ALPHA,
+    DOWN,
+    UP,
+    diffusers_lora_names,
+    parse_lora_tensors,
+    read_lora_file,
+)
 from networks.tool_options import precision_dtype, rounded  # noqa: E402
 
 SDXL_CHECKPOINT_ARCHITECTURE = "stable-diffusion-xl-v1-base"
@@ -94,8 +101,13 @@ def lbw_factor(block_weights: Optional[Dict[int, float]], lora_name: str) -> flo
 
 
 def _unique_or_dynamic(values) -> str:
-    distinct = list(dict.fromkeys(values))
-    return f"{distinct[0]}" if len(set(distinct)) == 1 else "Dynamic"
+    distinct = list(dict.fromkeys(values))  # 4 and 4.0 are one value; the first seen is printed
+    return f"{distinct[0]}" if len(distinct) == 1 else "Dynamic"
+
+
+def _alpha_in(alpha, merge_dtype):
+    """A stored alpha as read in the merge precision; a missing one (the rank, an int) stays an int."""
+    return alpha if isinstance(alpha, int) else float(rounded(np.float32(alpha), merge_dtype))
 
 
 def merge_lora_models(paths: Sequence[str], ratios: Sequence[float], lbws: Sequence[Dict[int, float]],
@@ -112,9 +124,7 @@ def merge_lora_models(paths: Sequence[str], ratios: Sequence[float], lbws: Seque
         base_model = base_model if base_model is not None else lora.metadata.get("ss_base_model_version")
         alphas = {}
         for name, module in lora.modules.items():
-            # A stored alpha is read in the merge precision; a missing one is the rank, kept an int.
-            alpha = module.alpha if isinstance(module.alpha, int) else float(rounded(np.float32(module.alpha),
-                                                                                      merge_dtype))
+            alpha = _alpha_in(module.alpha, merge_dtype)
             alphas[name] = alpha
             base_alphas.setdefault(name, alpha)
             base_dims.setdefault(name, module.rank)
@@ -169,9 +179,8 @@ def merge_into_models(models, paths: Sequence[str], ratios: Sequence[float], lbw
     UNet modules are renamed as the trainer's loader does. In a lower `merge_dtype` the whole model is
     rounded first, as sd-scripts casts the model before merging.
     """
-    roots = models.text_encoders + [models.unet]
     if merge_dtype is not None and merge_dtype != np.float32:
-        for root in roots:
+        for root in models.text_encoders + [models.unet]:
             for param in root.get_parameters():
                 param.set_data(ms.Tensor(rounded(param.asnumpy(), merge_dtype), dtype=param.dtype))
     targets = {t.lora_name: t for t in lora_targets(models.text_encoders, models.unet)}

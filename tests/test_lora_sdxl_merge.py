@@ -153,7 +153,8 @@ def test_loras_merged_into_the_checkpoint_change_exactly_their_weights(tiny_sdxl
     np.testing.assert_array_equal(merged[fused_k][:rows], base[fused_k][:rows])  # q untouched
     np.testing.assert_array_equal(merged[fused_k][2 * rows:], base[fused_k][2 * rows:])  # v untouched
     adapted = {f"model.diffusion_model.{specs[n].path}.weight" for n in changed if specs[n].root == "unet"}
-    adapted |= {f"conditioner.embedders.0.transformer.{specs[n].path}.weight" for n in changed if specs[n].root == "te1"}
+    adapted |= {f"conditioner.embedders.0.transformer.{specs[n].path}.weight"
+                for n in changed if specs[n].root == "te1"}
     adapted.add(fused_k)
     for key in set(base) - adapted:
         np.testing.assert_array_equal(merged[key], base[key], err_msg=key)
@@ -162,6 +163,21 @@ def test_loras_merged_into_the_checkpoint_change_exactly_their_weights(tiny_sdxl
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
     assert metadata["modelspec.merged_from"] == "tiny, a, Kohya B"
     assert metadata["modelspec.title"] == "merged"
+
+
+def test_half_precision_merge_rounds_the_whole_model_as_sd_scripts(tiny_sdxl_files, tmp_path):
+    lora = random_lora(MODULES[:1], 4, 2.0, seed=9)
+    out = tmp_path / "merged_fp16.safetensors"
+    sdxl_merge_lora.main(["--sd_model", tiny_sdxl_files["single"], "--save_to", str(out), "--models",
+                          write(tmp_path / "lora.safetensors", lora), "--ratios", "1", "--precision", "fp16"])
+    base, merged = load(tiny_sdxl_files["single"]), load(out)
+    assert {value.dtype for value in merged.values()} == {np.dtype(np.float16)}  # saved in the merge precision
+    key = "model.diffusion_model.out.2.weight"
+    np.testing.assert_array_equal(merged[key], base[key].astype(np.float16))
+    adapted = stored_weight(merged, tiny_modules()[MODULES[0]])
+    rounded_base = stored_weight(base, tiny_modules()[MODULES[0]]).astype(np.float16).astype(np.float64)
+    expected = rounded_base + delta(lora, MODULES[0])
+    np.testing.assert_allclose(adapted, expected, rtol=2e-3, atol=2e-3)
 
 
 def test_merged_checkpoint_computes_what_the_live_lora_computes(tiny_sdxl_files, tmp_path):
