@@ -169,8 +169,8 @@ def check_compat(path: str, model: Optional[str] = None) -> CompatReport:
     lines += _block_lines(ranks, modules)
     lines += _kind_lines(by_kind)
     if module_problems:
-        lines.append(f"Modules that do not fit ({len(module_problems)}): rejected here, and a size mismatch stops "
-                     "sd-scripts' and ComfyUI's loading too")
+        lines.append(f"Modules that do not fit ({len(module_problems)}): rejected here; sd-scripts' load_state_dict "
+                     "fails on a size mismatch and ComfyUI skips the module")
         lines += [f"  {problem}" for problem in module_problems[:EXAMPLES_SHOWN * 3]]
         if len(module_problems) == len(found) and model is None:
             lines.append("  no module fits SDXL base: if the LoRA is for another model, check it with --model")
