@@ -33,7 +33,7 @@ def test_conv2d_matches_direct_convolution(kernel, stride, padding):
 
 def test_conv2d_in_row_bands_equals_one_pass(monkeypatch):
     rng = np.random.default_rng(1)
-    x = ms.Tensor(rng.standard_normal((1, 3, 11, 6)).astype(np.float32))
+    x = ms.Tensor(rng.standard_normal((2, 3, 11, 6)).astype(np.float32))
     w = ms.Tensor(rng.standard_normal((2, 3, 3, 3)).astype(np.float32))
     b = ms.Tensor(np.zeros(2, np.float32))
     whole = backend.conv2d(x, w, b, 2, 1).asnumpy()
