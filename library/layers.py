@@ -2,6 +2,10 @@
 
 Weights may be stored in a lower precision than the activations (frozen base weights in fp16/bf16 save
 half the memory); each layer casts its weight to the input's dtype before computing.
+
+`freeze` marks a model's layers frozen: their weights enter the graph through `stop_gradient`, so no
+weight-gradient kernel is ever built for them, whatever the graph optimiser's dead-code elimination
+does (on the mid-size SDXL step it made no measured difference: 6.66 vs 6.68 GiB, same s/step).
 """
 
 import math
@@ -10,7 +14,7 @@ from contextlib import contextmanager
 import numpy as np
 
 import mindspore as ms
-from mindspore import Parameter, Tensor, mint, nn
+from mindspore import Parameter, Tensor, mint, nn, ops
 
 from library import backend
 
@@ -39,7 +43,26 @@ def _cast(weight, like):
     return weight if weight.dtype == like.dtype else weight.astype(like.dtype)
 
 
-class Linear(nn.Cell):
+class FreezableCell(nn.Cell):
+    """A layer whose parameters can be frozen; `operand(p, x)` is parameter p as the computation on input x uses it."""
+
+    frozen = False
+
+    def operand(self, value, like):
+        value = _cast(value, like)
+        return ops.stop_gradient(value) if self.frozen else value
+
+
+def freeze(model: nn.Cell) -> None:
+    """Freeze every parameter of `model` held by a FreezableCell (its layers), for compiled graphs too."""
+    for _, cell in model.cells_and_names():
+        if isinstance(cell, FreezableCell):
+            cell.frozen = True
+            for param in cell.get_parameters(expand=False):
+                param.requires_grad = False
+
+
+class Linear(FreezableCell):
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
         bound = 1.0 / math.sqrt(in_features)
@@ -48,11 +71,11 @@ class Linear(nn.Cell):
         self.bias = Parameter(_uniform((out_features,), bound), name="bias") if bias else None
 
     def construct(self, x):
-        bias = None if self.bias is None else _cast(self.bias, x)
-        return backend.linear(x, _cast(self.weight, x), bias)
+        bias = None if self.bias is None else self.operand(self.bias, x)
+        return backend.linear(x, self.operand(self.weight, x), bias)
 
 
-class Conv2d(nn.Cell):
+class Conv2d(FreezableCell):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
         super().__init__()
         bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
@@ -63,10 +86,10 @@ class Conv2d(nn.Cell):
         self.bias = Parameter(_uniform((out_channels,), bound), name="bias")
 
     def construct(self, x):
-        return backend.conv2d(x, _cast(self.weight, x), _cast(self.bias, x), self.stride, self.padding)
+        return backend.conv2d(x, self.operand(self.weight, x), self.operand(self.bias, x), self.stride, self.padding)
 
 
-class GroupNorm(nn.Cell):
+class GroupNorm(FreezableCell):
     def __init__(self, num_groups: int, num_channels: int, eps: float):
         super().__init__()
         self.num_groups, self.eps = num_groups, eps
@@ -74,10 +97,10 @@ class GroupNorm(nn.Cell):
         self.bias = Parameter(Tensor(np.zeros(num_channels, np.float32)), name="bias")
 
     def construct(self, x):
-        return backend.group_norm(x, self.num_groups, _cast(self.weight, x), _cast(self.bias, x), self.eps)
+        return backend.group_norm(x, self.num_groups, self.operand(self.weight, x), self.operand(self.bias, x), self.eps)
 
 
-class LayerNorm(nn.Cell):
+class LayerNorm(FreezableCell):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.weight = Parameter(Tensor(np.ones(dim, np.float32)), name="weight")
@@ -85,7 +108,7 @@ class LayerNorm(nn.Cell):
         self.norm = backend.LayerNormOp(eps)
 
     def construct(self, x):
-        return self.norm(x, _cast(self.weight, x), _cast(self.bias, x))
+        return self.norm(x, self.operand(self.weight, x), self.operand(self.bias, x))
 
 
 class SiLU(nn.Cell):
