@@ -12,6 +12,7 @@ import numpy as np
 
 import mindspore as ms
 
+from library.layers import store_weights_in
 from library.model_loading import load_sdxl
 from library.sdxl_vae import SDXL_VAE_SCALE_FACTOR, sample_latents
 from library.text_encoders import SDXLTextEncoding, eos_mask
@@ -21,12 +22,20 @@ from train_network import NetworkTrainer, main
 
 logger = logging.getLogger("sdxl_train_network")
 
+HALF_PRECISIONS = {"fp16": ms.float16, "bf16": ms.bfloat16}
+
 
 class SdxlNetworkTrainer(NetworkTrainer):
     vae_scale_factor = SDXL_VAE_SCALE_FACTOR
 
     def load_target_model(self, args):
         models = load_sdxl(args.pretrained_model_name_or_path, args.vae)
+        if args.mixed_precision in HALF_PRECISIONS:
+            # As sd-scripts: the frozen UNet is held in the mixed-precision dtype; here the layers cast each
+            # weight to the activations' dtype, and compute stays fp32 (CPU has no fast half kernels).
+            saved = store_weights_in(models.unet, HALF_PRECISIONS[args.mixed_precision])
+            logger.info(f"--mixed_precision {args.mixed_precision}: UNet weights stored in {args.mixed_precision} "
+                        f"({saved / 2**30:.2f} GiB saved); computation in fp32")
         self.tokenizers = load_sdxl_tokenizers(args.tokenizer_cache_dir)
         self.n_chunks = chunk_count(args.max_token_length)
         self._max_token_length = args.max_token_length

@@ -53,6 +53,27 @@ class FreezableCell(nn.Cell):
         return ops.stop_gradient(value) if self.frozen else value
 
 
+def store_weights_in(model: nn.Cell, dtype) -> int:
+    """Replace the parameters of `model`'s layers by `dtype` copies (frozen base weights in half precision,
+    as sd-scripts stores them under --mixed_precision); the layers keep computing in the input's dtype.
+
+    New Parameters are needed: set_data with another dtype silently keeps float32. Returns the bytes saved.
+    """
+    saved = 0
+    for _, cell in model.cells_and_names():
+        if not isinstance(cell, FreezableCell):
+            continue
+        for attribute in ("weight", "bias"):
+            param = getattr(cell, attribute, None)
+            if param is None or param.dtype == dtype:
+                continue
+            replacement = Parameter(param.astype(dtype), name=param.name, requires_grad=param.requires_grad)
+            saved += param.nbytes - replacement.nbytes
+            setattr(cell, attribute, replacement)
+            replacement.name = param.name
+    return saved
+
+
 def freeze(model: nn.Cell) -> None:
     """Freeze every parameter of `model` held by a FreezableCell (its layers), for compiled graphs too."""
     for _, cell in model.cells_and_names():

@@ -10,6 +10,7 @@ import pytest
 import mindspore as ms
 
 from library.diffusion import DiffusionTrainingMath, NoiseSettings
+from library.layers import store_weights_in
 from library.lora_metadata import SS_TRAINING_KEYS
 from library.optimizers import create_optimizer
 from library.safetensors_io import open_safetensors
@@ -23,8 +24,11 @@ from train_network import main as train_main
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_loss_falls_on_a_fixed_batch_and_only_lora_changes():
+@pytest.mark.parametrize("base_dtype", [None, ms.float16])
+def test_loss_falls_on_a_fixed_batch_and_only_lora_changes(base_dtype):
     models = make_tiny_sdxl(seed=0)
+    if base_dtype is not None:  # --mixed_precision: frozen weights held in half precision
+        store_weights_in(models.unet, base_dtype)
     np.random.seed(0)
     network = lora.create_network(1.0, 8, 4, models.vae, models.text_encoders, models.unet)
     network.apply_to(models.text_encoders, models.unet, apply_text_encoder=False, apply_unet=True)
@@ -112,6 +116,17 @@ def test_config_file_trains_the_same_as_the_command_line(demo_setup):
             open_safetensors(root / "full" / "lora.safetensors") as b:
         for key in b.keys():
             np.testing.assert_array_equal(a.read(key), b.read(key), err_msg=key)
+
+
+@pytest.mark.parametrize("precision, dtype", [("no", ms.float32), ("fp16", ms.float16), ("bf16", ms.bfloat16)])
+def test_mixed_precision_holds_the_unet_in_that_precision(demo_setup, precision, dtype):
+    from library.train_args import parse_args
+
+    root, dataset, model = demo_setup
+    args = parse_args(_args(root, dataset, model, "unused", "--mixed_precision", precision))
+    models = SdxlNetworkTrainer().load_target_model(args)
+    assert {param.dtype for param in models.unet.get_parameters()} == {dtype}
+    assert {param.dtype for param in models.vae.get_parameters()} == {ms.float32}
 
 
 @pytest.mark.parametrize("extra, fragment", [
