@@ -10,7 +10,7 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from library.errors import UserError, exit_on_user_error
 from library.lr_schedulers import create_lr_scheduler
 from library.optimizers import create_optimizer_from_args
 from library.train_dataset import build_dataset_group
+from library.training_log import LossRecorder, TrainingLog, check_logging_args, step_scalars
 from library.training_metadata import training_metadata
 from networks import lora
 
@@ -91,9 +92,8 @@ class NetworkTrainer:
         np.random.seed(args.seed % 2**32)
         ms.set_seed(args.seed % 2**31)
 
+        check_logging_args(args)
         dataset_group = build_dataset_group(args, sdxl=True)
-        if args.log_with:
-            raise UserError("--log_with is not implemented yet; a JSONL log of the same scalars is written to --logging_dir")
 
         models = self.load_target_model(args)
         self.cache_latents_if_needed(args, models, dataset_group)
@@ -103,7 +103,7 @@ class NetworkTrainer:
         train_text_encoder = not args.network_train_unet_only
         network = self.create_network(args, models, train_unet, train_text_encoder)
 
-        optimizer_groups, _ = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)
+        optimizer_groups, self.lr_descriptions = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)
         optimizer, optimizer_name, optimizer_args = create_optimizer_from_args(args, optimizer_groups)
 
         num_batches = dataset_group.num_batches_per_epoch
@@ -173,9 +173,9 @@ class NetworkTrainer:
         rng.bit_generator.state = state.rng_state
         interrupted = {"flag": False}
         previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.update(flag=True))
-        log_file = self.open_log(args)
+        training_log = TrainingLog.from_args(args)
         progress = tqdm(total=args.max_train_steps, initial=state.global_step, smoothing=0, desc="steps")
-        recent_losses: List[float] = []
+        loss_recorder = LossRecorder()
         micro_step = state.batch_in_epoch % args.gradient_accumulation_steps
         if state.global_step == 0 and args.sample_at_first:
             self.sample_images(args, models, None, 0)
@@ -189,6 +189,7 @@ class NetworkTrainer:
                     start = time.perf_counter()
                     loss, _ = step_cell(*self.step_inputs(args, batch, latents, targets))
                     loss = float(loss.asnumpy())
+                    loss_recorder.add(state.batch_in_epoch, loss)
                     state.batch_in_epoch += 1
                     micro_step = (micro_step + 1) % args.gradient_accumulation_steps
                     if micro_step != 0:
@@ -197,12 +198,13 @@ class NetworkTrainer:
                     state.rng_state = rng.bit_generator.state
                     if args.scale_weight_norms:
                         network.apply_max_norm_regularization(args.scale_weight_norms)
-                    recent_losses = (recent_losses + [loss])[-100:]
                     lrs = scheduler.logged_lrs(state.global_step)
-                    progress.set_postfix(loss=f"{loss:.4f}", avr_loss=f"{np.mean(recent_losses):.4f}",
+                    progress.set_postfix(loss=f"{loss:.4f}", avr_loss=f"{loss_recorder.moving_average:.4f}",
                                          lr=f"{lrs[0]:.2e}", s_per_step=f"{time.perf_counter() - start:.2f}")
                     progress.update(1)
-                    self.log(log_file, state, loss, float(np.mean(recent_losses)), lrs)
+                    if training_log:
+                        values = self.step_log_values(args, optimizer, loss, loss_recorder, lrs)
+                        training_log.log_step(state.global_step, values)
                     if args.save_every_n_steps and state.global_step % args.save_every_n_steps == 0:
                         self.save_checkpoint(args, network, optimizer, state, metadata, step_name=True)
                     if args.sample_every_n_steps and state.global_step % args.sample_every_n_steps == 0:
@@ -214,11 +216,14 @@ class NetworkTrainer:
                 else:
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                     finished_epoch = state.epoch - 1
+                    self.log_epoch_end(training_log, finished_epoch, state, loss_recorder)
                     if args.save_every_n_epochs and finished_epoch % args.save_every_n_epochs == 0 and state.epoch <= num_epochs:
                         self.save_checkpoint(args, network, optimizer, state, metadata, epoch_name=finished_epoch)
                     if args.sample_every_n_epochs and finished_epoch % args.sample_every_n_epochs == 0:
                         self.sample_images(args, models, finished_epoch, state.global_step)
                     continue
+                # the step limit ended this epoch early; sd-scripts still logs its end
+                self.log_epoch_end(training_log, state.epoch, state, loss_recorder)
                 break
         except KeyboardInterrupt:
             progress.close()
@@ -229,8 +234,8 @@ class NetworkTrainer:
         finally:
             signal.signal(signal.SIGINT, previous_handler)
             dataset_group.close()
-            if log_file:
-                log_file.close()
+            if training_log:
+                training_log.close()
         progress.close()
         path = self.save_model(args, network, metadata, state, args.output_name)
         if args.save_state or args.save_state_on_train_end:
@@ -240,20 +245,14 @@ class NetworkTrainer:
 
     # ---- logging --------------------------------------------------------------------------------
 
-    def open_log(self, args):
-        if not args.logging_dir:
-            return None
-        os.makedirs(args.logging_dir, exist_ok=True)
-        prefix = args.log_prefix or ""
-        return open(os.path.join(args.logging_dir, f"{prefix}{time.strftime('%Y%m%d%H%M%S')}.jsonl"), "a", encoding="utf-8")
+    def step_log_values(self, args, optimizer, loss, loss_recorder, lrs):
+        is_prodigy = args.optimizer_type.lower() == "prodigy"
+        prodigy_d = float(optimizer.d.asnumpy()) if is_prodigy else None
+        return step_scalars(loss, loss_recorder.moving_average, lrs, self.lr_descriptions, prodigy_d)
 
-    def log(self, log_file, state, loss, average, lrs):
-        if log_file is None:
-            return
-        record = {"step": state.global_step, "epoch": state.epoch, "loss/current": loss, "loss/average": average}
-        record.update({f"lr/group{index}": lr for index, lr in enumerate(lrs)})
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
+    def log_epoch_end(self, training_log, epoch, state, loss_recorder):
+        if training_log:
+            training_log.log_epoch(epoch, state.global_step, {"loss/epoch_average": loss_recorder.moving_average})
 
     # ---- saving and resuming --------------------------------------------------------------------
 

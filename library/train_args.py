@@ -87,7 +87,7 @@ UNSUPPORTED_ARGUMENTS = {
 
 # argument -> (values accepted besides its default, why others are refused)
 UNSUPPORTED_VALUES = {
-    "log_with": (("tensorboard",), "only tensorboard logging is implemented"),
+    "log_with": (("tensorboard",), "wandb logging is not implemented, and all includes wandb"),
     "save_model_as": ((), "pickle formats need torch"),
     "network_module": ((NETWORK_MODULE,), f"the only network here is {NETWORK_MODULE}"),
 }
