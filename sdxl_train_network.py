@@ -35,7 +35,8 @@ class SdxlNetworkTrainer(NetworkTrainer):
             # weight to the activations' dtype, and compute stays fp32 (CPU has no fast half kernels).
             saved = store_weights_in(models.unet, HALF_PRECISIONS[args.mixed_precision])
             logger.info(f"--mixed_precision {args.mixed_precision}: UNet weights stored in {args.mixed_precision} "
-                        f"({saved / 2**30:.2f} GiB saved); computation in fp32")
+                        f"({saved / 2**30:.2f} GiB saved); computation in fp32, so each layer casts its weight "
+                        f"(on CPU this costs time: 2x s/step measured at full size)")
         self.tokenizers = load_sdxl_tokenizers(args.tokenizer_cache_dir)
         self.n_chunks = chunk_count(args.max_token_length)
         self._max_token_length = args.max_token_length

@@ -29,7 +29,7 @@ import mindspore as ms  # noqa: E402
 from mindspore import mint, nn, ops  # noqa: E402
 
 from library.diffusion import DiffusionTrainingMath, NoiseSettings  # noqa: E402
-from library.layers import freeze, weight_init  # noqa: E402
+from library.layers import freeze, store_weights_in, weight_init  # noqa: E402
 from library.model_configs import sdxl_base_configs  # noqa: E402
 from library.optimizers import create_optimizer  # noqa: E402
 from library.sdxl_unet import SDXLUNet, UNetConfig  # noqa: E402
@@ -182,6 +182,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--pynative", action="store_true")
+    parser.add_argument("--base_dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                        help="storage of the frozen UNet weights (--mixed_precision); compute stays fp32")
     parser.add_argument("--compile_unit", choices=("step", "block"), default="step",
                         help="step: the whole training step is one graph; block: one graph per UNet block")
     args = parser.parse_args(argv)
@@ -194,6 +196,8 @@ def main(argv=None):
     network = lora.create_network(1.0, args.rank, args.rank / 2, None, [], unet)
     network.apply_to([], unet, apply_text_encoder=False, apply_unet=True)
     freeze(unet)
+    if args.base_dtype != "fp32":
+        store_weights_in(unet, {"fp16": ms.float16, "bf16": ms.bfloat16}[args.base_dtype])
     groups, _ = network.prepare_optimizer_params(None, None, 1e-4)
     optimizer, _, _ = create_optimizer("AdamW", groups, 1e-4)
     step = TrainStepForSDXLLoRA(SDXLLoRALoss(unet, CachedConditioning()), optimizer, 1.0)
@@ -225,7 +229,7 @@ def main(argv=None):
     flops = 2 * unet_forward_flops(config, side, side)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     mode = "pynative" if args.pynative else "graph" if args.compile_unit == "step" else "graph-per-block"
-    print(f"size={args.size} resolution={args.resolution} mode={mode} "
+    print(f"size={args.size} resolution={args.resolution} mode={mode} base={args.base_dtype} "
           f"build={build_seconds:.1f}s first_step={times[0]:.1f}s median_step={steady:.2f}s "
           f"peak_rss={peak:.2f}GiB step_gflop={flops / 1e9:.1f} achieved_gflops={flops / 1e9 / steady:.1f}")
 
