@@ -9,8 +9,9 @@ import random
 import shutil
 import signal
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, replace
+from itertools import islice
+from typing import List, Optional
 
 import numpy as np
 
@@ -54,6 +55,7 @@ class TrainState:
 
 class NetworkTrainer:
     vae_scale_factor = 1.0
+    last_validation_loss: Optional[float] = None  # shown on the progress bar once there is one
 
     # ---- hooks ----------------------------------------------------------------------------------
 
@@ -95,9 +97,12 @@ class NetworkTrainer:
         check_logging_args(args)
         dataset_group = build_dataset_group(args, sdxl=True)
 
+        check_validation_args(args, dataset_group.validation)
+
         models = self.load_target_model(args)
-        self.cache_latents_if_needed(args, models, dataset_group)
-        self.cache_text_encoder_outputs_if_needed(args, models, dataset_group)
+        for group in filter(None, (dataset_group, dataset_group.validation)):
+            self.cache_latents_if_needed(args, models, group)
+            self.cache_text_encoder_outputs_if_needed(args, models, group)
 
         train_unet = not args.network_train_text_encoder_only
         train_text_encoder = not args.network_train_unet_only
@@ -116,6 +121,8 @@ class NetworkTrainer:
 
         loss_cell = self.build_loss_cell(args, models, train_text_encoder)
         step_cell = self.build_train_step(args, loss_cell, optimizer)
+        self.loss_cell = loss_cell
+        self.forward_loss = loss_cell if args.pynative else ms.jit(loss_cell.construct)
 
         state = TrainState(rng_state=np.random.default_rng(args.seed).bit_generator.state)
         if args.resume:
@@ -199,12 +206,17 @@ class NetworkTrainer:
                     if args.scale_weight_norms:
                         network.apply_max_norm_regularization(args.scale_weight_norms)
                     lrs = scheduler.logged_lrs(state.global_step)
+                    shown = {} if self.last_validation_loss is None else {"val_loss": f"{self.last_validation_loss:.4f}"}
                     progress.set_postfix(loss=f"{loss:.4f}", avr_loss=f"{loss_recorder.moving_average:.4f}",
-                                         lr=f"{lrs[0]:.2e}", s_per_step=f"{time.perf_counter() - start:.2f}")
+                                         lr=f"{lrs[0]:.2e}", s_per_step=f"{time.perf_counter() - start:.2f}", **shown)
                     progress.update(1)
                     if training_log:
                         values = self.step_log_values(args, optimizer, loss, loss_recorder, lrs)
                         training_log.log_step(state.global_step, values)
+                    if (dataset_group.validation and args.validate_every_n_steps
+                            and state.global_step % args.validate_every_n_steps == 0):
+                        self.validate_and_log(args, models, dataset_group.validation, training_log, progress,
+                                              loss_recorder, "step", state.global_step, state)
                     if args.save_every_n_steps and state.global_step % args.save_every_n_steps == 0:
                         self.save_checkpoint(args, network, optimizer, state, metadata, step_name=True)
                     if args.sample_every_n_steps and state.global_step % args.sample_every_n_steps == 0:
@@ -216,14 +228,15 @@ class NetworkTrainer:
                 else:
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                     finished_epoch = state.epoch - 1
-                    self.log_epoch_end(training_log, finished_epoch, state, loss_recorder)
+                    self.end_epoch(args, models, dataset_group, training_log, progress, loss_recorder, finished_epoch,
+                                   state)
                     if args.save_every_n_epochs and finished_epoch % args.save_every_n_epochs == 0 and state.epoch <= num_epochs:
                         self.save_checkpoint(args, network, optimizer, state, metadata, epoch_name=finished_epoch)
                     if args.sample_every_n_epochs and finished_epoch % args.sample_every_n_epochs == 0:
                         self.sample_images(args, models, finished_epoch, state.global_step)
                     continue
-                # the step limit ended this epoch early; sd-scripts still logs its end
-                self.log_epoch_end(training_log, state.epoch, state, loss_recorder)
+                # the step limit ended this epoch early; sd-scripts still validates and logs its end
+                self.end_epoch(args, models, dataset_group, training_log, progress, loss_recorder, state.epoch, state)
                 break
         except KeyboardInterrupt:
             progress.close()
@@ -250,9 +263,52 @@ class NetworkTrainer:
         prodigy_d = float(optimizer.d.asnumpy()) if is_prodigy else None
         return step_scalars(loss, loss_recorder.moving_average, lrs, self.lr_descriptions, prodigy_d)
 
-    def log_epoch_end(self, training_log, epoch, state, loss_recorder):
+    def end_epoch(self, args, models, dataset_group, training_log, progress, loss_recorder, epoch, state):
+        every = args.validate_every_n_epochs
+        if dataset_group.validation and (every is None or epoch % every == 0):
+            self.validate_and_log(args, models, dataset_group.validation, training_log, progress, loss_recorder,
+                                  "epoch", epoch, state)
         if training_log:
             training_log.log_epoch(epoch, state.global_step, {"loss/epoch_average": loss_recorder.moving_average})
+
+    # ---- validation -----------------------------------------------------------------------------
+
+    def validate_and_log(self, args, models, validation_group, training_log, progress, loss_recorder, kind, at,
+                         state):
+        """sd-scripts' step or epoch validation: loss/validation/<kind>_average and _divergence (minus the
+        training loss average), logged at the global step or the epoch, and shown on the progress bar."""
+        loss = self.validation_loss(args, models, validation_group)
+        self.last_validation_loss = loss
+        progress.set_postfix(val_loss=f"{loss:.4f}")
+        if training_log:
+            values = {f"loss/validation/{kind}_average": loss,
+                      f"loss/validation/{kind}_divergence": loss - loss_recorder.moving_average}
+            if kind == "step":
+                training_log.log_step(at, values)
+            else:
+                training_log.log_epoch(at, state.global_step, values)
+
+    def validation_loss(self, args, models, validation_group) -> float:
+        """The mean loss over the held-out batches (at most --max_validation_steps of them), each at sd-scripts'
+        4 fixed timesteps, with noise drawn from --validation_seed (default --seed) afresh at every validation.
+        No gradient, no update, LoRA dropout off, and the training noise generator is not used."""
+        seed = args.validation_seed if args.validation_seed is not None else args.seed
+        rng = np.random.default_rng(seed)
+        settings = self.get_noise_settings(args)
+        batches = islice(validation_group.iter_epoch(1, num_workers=0), args.max_validation_steps)
+        losses = []
+        self.loss_cell.set_train(False)
+        try:
+            for batch in batches:
+                latents = batch.latents if batch.latents is not None else self.encode_images(models, batch.images)
+                for timestep in validation_timesteps(args):
+                    math = DiffusionTrainingMath(replace(settings, min_timestep=timestep, max_timestep=timestep))
+                    targets = math.prepare(latents * self.vae_scale_factor, batch.loss_weights, rng)
+                    loss = self.forward_loss(*self.step_inputs(args, batch, latents, targets))
+                    losses.append(float(loss.asnumpy()))
+        finally:
+            self.loss_cell.set_train(True)
+        return float(np.mean(losses))
 
     # ---- saving and resuming --------------------------------------------------------------------
 
@@ -311,6 +367,25 @@ class NetworkTrainer:
             state = TrainState.from_json(handle.read())
         logger.info("resuming from %s at epoch %d, step %d", folder, state.epoch, state.global_step)
         return state
+
+
+def validation_timesteps(args) -> List[int]:
+    """sd-scripts' fixed validation timesteps: 4 evenly spaced inside [min_timestep, max_timestep]
+    (default [0, 1000]), the ends left out: 200, 400, 600, 800 by default."""
+    low = args.min_timestep or 0
+    high = 1000 if args.max_timestep is None else args.max_timestep
+    return [int(t) for t in np.linspace(low, high, 4 + 2, dtype=int)[1:-1]]
+
+
+def check_validation_args(args, validation_group) -> None:
+    """The validation arguments mean nothing without held-out images; say so instead of ignoring them."""
+    if args.max_validation_steps is not None and args.max_validation_steps < 1:
+        raise UserError(f"--max_validation_steps {args.max_validation_steps}: must be at least 1 (or left out: all)")
+    if validation_group is not None:
+        return
+    for name in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps", "validation_seed"):
+        if getattr(args, name) is not None:
+            raise UserError(f"--{name} needs held-out images: set validation_split in the dataset config")
 
 
 def _save_dtype(save_precision):

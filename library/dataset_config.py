@@ -69,6 +69,8 @@ class DatasetConfig:
     resize_interpolation: Optional[str]
     prior_loss_weight: float
     subsets: Tuple[SubsetConfig, ...] = field(default_factory=tuple)
+    validation_split: float = 0.0  # fraction of each image_dir subset held out for validation (reg: none)
+    validation_seed: Optional[int] = None  # seed of that split; None: the training --seed
 
 
 # ---- schema: the option types and where each may appear (sd-scripts' ConfigSanitizer) ----
@@ -365,6 +367,7 @@ def resolve_dataset(table: dict, general: dict, cli: dict, sdxl: bool, where: st
     if enable_bucket:
         min_reso, max_reso = adjust_bucket_limits(where, resolution, min_reso, max_reso, steps)
     check_option_values(where, lookup)
+    check_validation_split(where, kind, lookup("validation_split"))
 
     subsets = [
         resolve_subset(kind, subset_table, subset_where, lookup)
@@ -383,6 +386,8 @@ def resolve_dataset(table: dict, general: dict, cli: dict, sdxl: bool, where: st
         resize_interpolation=lookup("resize_interpolation"),
         prior_loss_weight=float(lookup("prior_loss_weight")),
         subsets=drop_duplicate_subsets(subsets),
+        validation_split=float(lookup("validation_split") or 0.0),
+        validation_seed=lookup("validation_seed"),
     )
 
 
@@ -465,6 +470,16 @@ def check_dataset_values(where, batch_size, resolution, enable_bucket, steps, mi
         raise UserError(f"resolution {resolution} in {where} must be a multiple of {what} ({step}) on both sides")
 
 
+def check_validation_split(where: str, kind: str, split) -> None:
+    if split in (None, 0, 0.0):
+        return
+    if not 0 < split < 1:
+        raise UserError(f"validation_split must be at least 0 and below 1 in {where}, got {split}")
+    if kind != DREAMBOOTH:
+        # sd-scripts splits only image_dir subsets; its metadata-file datasets would validate on training images
+        raise UserError(f"validation_split needs image_dir (DreamBooth-style) subsets, not metadata_file ones (in {where})")
+
+
 def adjust_bucket_limits(where, resolution, min_reso: int, max_reso: int, steps: int) -> Tuple[int, int]:
     """Round min/max_bucket_reso to steps (with a warning) and check they bracket the resolution."""
     if min_reso % steps:
@@ -496,7 +511,5 @@ def check_option_values(where: str, lookup) -> None:
         raise UserError(f"resize_interpolation must be one of {', '.join(RESIZE_INTERPOLATIONS)} in {where}, got {interpolation!r}")
     if lookup("network_multiplier") not in (None, 1, 1.0):
         raise UserError(f"network_multiplier other than 1.0 is not supported (in {where})")
-    if lookup("validation_split") not in (None, 0, 0.0):
-        raise UserError(f"validation_split is not supported: validation datasets are not implemented (in {where})")
     if lookup("face_crop_aug_range") is not None:
         raise UserError(f"face_crop_aug_range is not supported: face-centred crops are not implemented (in {where})")

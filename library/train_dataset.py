@@ -29,6 +29,7 @@ Latent and text-encoder caches are filled by library/latent_cache.py; batches th
 import argparse
 import json
 import logging
+import math
 import os
 import random
 from collections import deque
@@ -235,6 +236,7 @@ class DatasetGroup:
         self._metadata: dict = {}
         self._executor: Optional[ThreadPoolExecutor] = None
         self._epoch_orders: Dict[int, Tuple[BatchRef, ...]] = {}
+        self.validation: Optional["DatasetGroup"] = None  # the held-out images of validation_split
 
     @property
     def num_batches_per_epoch(self) -> int:
@@ -455,9 +457,11 @@ def build_dataset_group(args: argparse.Namespace, sdxl: bool = True) -> DatasetG
     all_items = [item for dataset in scanned for _, items in dataset for item in items]
     sizes = probe_images(sorted({item.path for item in all_items}), skip_bad=bool(getattr(args, "skip_bad_images", False)))
 
-    datasets = []
+    seed = args.seed if getattr(args, "seed", None) is not None else random.randint(0, 2**31)
+    datasets, validation_datasets = [], []
     for index, (config, subsets) in enumerate(zip(configs, scanned)):
         items, image_counts = [], {}
+        held_out, held_out_counts = [], {}
         for subset, subset_items in subsets:
             readable = [item for item in subset_items if item.path in sizes]
             if not readable:
@@ -466,21 +470,46 @@ def build_dataset_group(args: argparse.Namespace, sdxl: bool = True) -> DatasetG
                 item.image_size = sizes[item.path]
             if subset.cache_info:
                 write_info_cache(subset.image_dir, readable)
+            if config.validation_split and not subset.is_reg:
+                split_seed = seed if config.validation_seed is None else config.validation_seed
+                readable, validation = split_for_validation(readable, config.validation_split, split_seed)
+                if validation:
+                    held_out += validation
+                    held_out_counts[subset] = len(validation)
             image_counts[subset] = len(readable)
             items += readable
         log_dataset(index, config, image_counts)
         datasets.append(TrainDataset(index, config, items, image_counts))
+        if held_out:
+            logger.info("[Validation dataset %d] %d images held out of %s", len(validation_datasets), len(held_out),
+                        config.source)
+            validation_datasets.append(TrainDataset(len(validation_datasets), config, held_out, held_out_counts))
 
-    seed = args.seed if getattr(args, "seed", None) is not None else random.randint(0, 2**31)
-    group = DatasetGroup(
-        datasets,
-        seed,
-        num_workers=getattr(args, "max_data_loader_n_workers", 8),
-        persistent_workers=bool(getattr(args, "persistent_data_loader_workers", False)),
-    )
+    def group_of(members):
+        return DatasetGroup(
+            members,
+            seed,
+            num_workers=getattr(args, "max_data_loader_n_workers", 8),
+            persistent_workers=bool(getattr(args, "persistent_data_loader_workers", False)),
+        )
+
+    group = group_of(datasets)
+    if validation_datasets:
+        group.validation = group_of(validation_datasets)
     group._metadata = dataset_metadata(group, args, uses_config_file=getattr(args, "dataset_config", None) is not None)
     logger.info("%d train images with repeats, %d reg images with repeats", group.num_train_images, group.num_reg_images)
     return group
+
+
+def split_for_validation(items: List[ImageItem], fraction: float, seed: int) -> Tuple[List[ImageItem], List[ImageItem]]:
+    """(training, validation) items of one subset, as sd-scripts' split_train_val: the images shuffled by
+    Python's random with `seed`, the first ceil(n * (1 - fraction)) for training. sd-scripts then takes
+    round(n * fraction) from the end for validation, which can overlap the training part; here validation
+    is exactly the rest, so a held-out image is never trained on."""
+    shuffled = list(items)
+    random.Random(seed).shuffle(shuffled)
+    training_count = math.ceil(len(shuffled) * (1 - fraction))
+    return shuffled[:training_count], shuffled[training_count:]
 
 
 def check_loader_arguments(args: argparse.Namespace) -> None:
@@ -691,7 +720,7 @@ def log_dataset(index: int, config: DatasetConfig, image_counts: Dict[SubsetConf
 def dataset_metadata(group: DatasetGroup, args: argparse.Namespace, uses_config_file: bool) -> dict:
     metadata = {
         "ss_num_train_images": group.num_train_images,
-        "ss_num_validation_images": 0,
+        "ss_num_validation_images": group.validation.num_train_images if group.validation else 0,
         "ss_num_reg_images": group.num_reg_images,
         "ss_num_batches_per_epoch": group.num_batches_per_epoch,
     }

@@ -1,4 +1,5 @@
-"""TensorBoard logging as sd-scripts: folder layout, tag names, step numbers, values equal to the JSONL log."""
+"""TensorBoard logging as sd-scripts: folder layout, tag names, step numbers, values equal to the JSONL log;
+and validation during training leaves the trained LoRA exactly as it is without validation."""
 
 import json
 import struct
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
+from library.safetensors_io import open_safetensors
 from library.training_log import LossRecorder
 from sdxl_train_network import SdxlNetworkTrainer
 from tools.make_demo_dataset import main as make_demo_dataset
@@ -29,24 +31,36 @@ def read_event_file(path):
     return scalars
 
 
-@pytest.fixture(scope="module")
-def logged_run(tmp_path_factory, tiny_sdxl_files):
-    root = tmp_path_factory.mktemp("tblog")
-    make_demo_dataset(["--out", str(root / "images")])  # 8 images: 4 batches of 2 per epoch
-    dataset = root / "dataset.toml"
-    dataset.write_text(
-        '[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 64\nbatch_size = 2\n'
-        f'[[datasets.subsets]]\nimage_dir = "{root / "images"}"\nnum_repeats = 1\n'
-    )
+def train(root, model, output, *extra):
     train_main(SdxlNetworkTrainer, [
-        "--pretrained_model_name_or_path", tiny_sdxl_files["single"], "--dataset_config", str(dataset),
-        "--output_dir", str(root / "out"), "--output_name", "lora", "--network_dim", "4",
+        "--pretrained_model_name_or_path", model, "--dataset_config", str(root / "dataset.toml"),
+        "--output_dir", str(root / output), "--output_name", "lora", "--network_dim", "4",
         "--network_train_unet_only", "--cache_latents", "--learning_rate", "1e-3", "--seed", "3",
-        "--max_train_steps", "6", "--lr_scheduler", "linear",
-        "--log_with", "tensorboard", "--logging_dir", str(root / "logs"), "--log_prefix", "run-",
-        "--log_tracker_name", "tracker", "--log_config",
+        "--max_train_steps", "6", "--lr_scheduler", "linear", *extra,
     ])
-    return root / "logs"
+
+
+@pytest.fixture(scope="module")
+def training_root(tmp_path_factory, tiny_sdxl_files):
+    root = tmp_path_factory.mktemp("tblog")
+    # 10 images, 2 held out for validation: 4 training batches of 2 per epoch, 1 validation batch
+    make_demo_dataset(["--out", str(root / "images")])
+    make_demo_dataset(["--out", str(root / "more")])
+    for index, path in enumerate(sorted((root / "more").iterdir())[:4]):
+        path.rename(root / "images" / f"extra{index}{path.suffix}")
+    (root / "dataset.toml").write_text(
+        '[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 64\nbatch_size = 2\n'
+        f'validation_split = 0.2\n[[datasets.subsets]]\nimage_dir = "{root / "images"}"\nnum_repeats = 1\n'
+    )
+    train(root, tiny_sdxl_files["single"], "validated", "--log_with", "tensorboard",
+          "--logging_dir", str(root / "logs"), "--log_prefix", "run-", "--log_tracker_name", "tracker",
+          "--log_config", "--validate_every_n_steps", "3")
+    return root
+
+
+@pytest.fixture(scope="module")
+def logged_run(training_root):
+    return training_root / "logs"
 
 
 def test_event_files_are_laid_out_as_accelerate_does(logged_run):
@@ -64,10 +78,14 @@ def test_scalars_have_sd_scripts_names_steps_and_the_jsonl_values(logged_run):
     steps = [r for r in records if "loss/current" in r]
     epochs = [r for r in records if "loss/epoch_average" in r]
 
-    assert set(scalars) == {"loss/current", "loss/average", "lr/unet", "loss/epoch_average"}
+    validation_tags = {f"loss/validation/{kind}_{what}" for kind in ("step", "epoch")
+                       for what in ("average", "divergence")}
+    assert set(scalars) == {"loss/current", "loss/average", "lr/unet", "loss/epoch_average"} | validation_tags
     assert [step for step, _ in scalars["loss/current"]] == [1, 2, 3, 4, 5, 6]
     # epoch scalars are logged at the epoch number; the step limit ends epoch 2 early, and it is logged too
     assert [step for step, _ in scalars["loss/epoch_average"]] == [1, 2]
+    assert [step for step, _ in scalars["loss/validation/step_average"]] == [3, 6]
+    assert [step for step, _ in scalars["loss/validation/epoch_average"]] == [1, 2]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     assert [(r["epoch"], r["step"]) for r in epochs] == [(1, 4), (2, 6)]
 
@@ -80,8 +98,26 @@ def test_scalars_have_sd_scripts_names_steps_and_the_jsonl_values(logged_run):
     # linear decay from 1e-3 over 6 steps, as get_last_lr() reports after each step
     np.testing.assert_allclose([v for _, v in scalars["lr/unet"]], [1e-3 * (6 - k) / 6 for k in range(1, 7)],
                                rtol=1e-6)
+    step_validation = [r for r in records if "loss/validation/step_average" in r]
+    for record, average in zip(step_validation, [window[2].mean(), window[5].mean()]):
+        assert record["loss/validation/step_divergence"] == pytest.approx(
+            record["loss/validation/step_average"] - average, rel=1e-9)
+    # the LoRA of step 6 is validated twice (after the step and at the end of epoch 2): same noise, same loss
+    final_epoch = next(r for r in records if r.get("epoch") == 2 and "loss/validation/epoch_average" in r)
+    assert final_epoch["loss/validation/epoch_average"] == pytest.approx(
+        step_validation[1]["loss/validation/step_average"], rel=1e-6)
     config = next(r["config"] for r in records if "config" in r)
     assert config["max_train_steps"] == 6 and "pretrained_model_name_or_path" not in config
+
+
+def test_validation_leaves_training_exactly_as_without_it(training_root, tiny_sdxl_files):
+    # the same held-out split, validation never due: the LoRA must be bit-identical
+    train(training_root, tiny_sdxl_files["single"], "unvalidated", "--validate_every_n_epochs", "100")
+    with open_safetensors(training_root / "validated" / "lora.safetensors") as validated, \
+            open_safetensors(training_root / "unvalidated" / "lora.safetensors") as unvalidated:
+        assert validated.metadata["ss_num_validation_images"] == "2"
+        for key in unvalidated.keys():
+            np.testing.assert_array_equal(validated.read(key), unvalidated.read(key), err_msg=key)
 
 
 def test_loss_recorder_keeps_one_loss_per_batch_position():
