@@ -5,6 +5,7 @@ import argparse
 import math
 import random
 import textwrap
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -172,17 +173,20 @@ def test_validation_loss_is_the_loss_cell_at_fixed_timesteps_and_noise(tmp_path,
     validated = trainer.validation_loss(args, models, group.validation)
 
     # by hand: the first held-out batch only (--max_validation_steps 1), noise drawn from --seed in order,
-    # noised with SDXL's scaled-linear schedule, the loss cell run eagerly
+    # noised with SDXL's scaled-linear schedule; the four timesteps as one batch of four through the eager
+    # loss cell (its batch mean is the mean of the four single-sample losses)
     batch = next(group.validation.iter_epoch(1))
     latents = batch.latents * 0.13025
     alphas_cumprod = np.cumprod(1 - np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2)
     noise_rng = np.random.default_rng(5)
-    losses = []
-    for t in (200, 400, 600, 800):
-        noise = noise_rng.standard_normal(latents.shape).astype(np.float32)
-        noisy = np.sqrt(alphas_cumprod[t]) * latents + np.sqrt(1 - alphas_cumprod[t]) * noise
-        targets = TrainingTargets(noisy.astype(np.float32), noise, np.full(1, t, np.int32), np.ones(1, np.float32),
-                                  np.ones(1, np.float32))
-        losses.append(float(loss_cell(*trainer.step_inputs(args, batch, batch.latents, targets)).asnumpy()))
-    assert validated == pytest.approx(np.mean(losses), rel=1e-5)
-    assert len(set(np.round(losses, 6))) == 4  # the timesteps really differ
+    timesteps = np.array([200, 400, 600, 800], np.int32)
+    noise = np.concatenate([noise_rng.standard_normal(latents.shape).astype(np.float32) for _ in timesteps])
+    bar = alphas_cumprod[timesteps].reshape(-1, 1, 1, 1)
+    noisy = (np.sqrt(bar) * latents + np.sqrt(1 - bar) * noise).astype(np.float32)
+    four = replace(batch, captions=batch.captions * 4, **{
+        name: np.repeat(getattr(batch, name), 4, axis=0)
+        for name in ("latents", "original_sizes_hw", "crop_top_lefts", "target_sizes_hw", "loss_weights")})
+    four.text_encoder_outputs = tuple(np.repeat(array, 4, axis=0) for array in batch.text_encoder_outputs)
+    targets = TrainingTargets(noisy, noise, timesteps, np.ones(4, np.float32), np.ones(4, np.float32))
+    by_hand = float(loss_cell(*trainer.step_inputs(args, four, four.latents, targets)).asnumpy())
+    assert validated == pytest.approx(by_hand, rel=1e-5)
