@@ -96,7 +96,6 @@ class NetworkTrainer:
 
         check_logging_args(args)
         dataset_group = build_dataset_group(args, sdxl=True)
-
         check_validation_args(args, dataset_group.validation)
 
         models = self.load_target_model(args)
@@ -108,7 +107,9 @@ class NetworkTrainer:
         train_text_encoder = not args.network_train_unet_only
         network = self.create_network(args, models, train_unet, train_text_encoder)
 
-        optimizer_groups, self.lr_descriptions = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)
+        # the descriptions ("textencoder", "unet", "unet plus") name the logged learning rates, as sd-scripts
+        optimizer_groups, self.lr_descriptions = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr,
+                                                                                  args.learning_rate)
         optimizer, optimizer_name, optimizer_args = create_optimizer_from_args(args, optimizer_groups)
 
         num_batches = dataset_group.num_batches_per_epoch
