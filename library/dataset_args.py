@@ -24,7 +24,6 @@ REFUSED_ARGUMENTS = {
     "face_crop_aug_range": (lambda v: v is not None, "face-centred crop augmentation is not implemented"),
     "debug_dataset": (bool, "the interactive dataset viewer is not implemented"),
     "dataset_class": (lambda v: v is not None, "custom dataset classes are not supported"),
-    "validation_split": (lambda v: v not in (None, 0, 0.0), "validation datasets are not implemented"),
 }
 
 
@@ -86,7 +85,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     add("--persistent_data_loader_workers", action="store_true", help="keep loading threads between epochs")
     add("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularization images")
     add("--max_token_length", type=int, default=None, choices=[None, 150, 225], help="text encoder token length")
-    add("--validation_split", type=float, default=0.0, help="not supported here (must stay 0)")
+    add("--validation_split", type=float, default=0.0, help="fraction of each dataset held out for validation (default 0: none)")
     add("--validation_seed", type=int, default=None, help="seed of the validation split")
     add("--skip_bad_images", action="store_true", help="skip unreadable images (listed) instead of stopping")
 

@@ -96,6 +96,21 @@ def test_command_line_values_fill_in_with_renamed_options(tmp_path):
     assert dataset.subsets[0].caption_extension == ".caption"  # sd-scripts' default
 
 
+def test_validation_split_and_seed_come_from_the_command_line_unless_the_file_sets_them(tmp_path):
+    config = """
+        [[datasets]]
+          [[datasets.subsets]]
+          image_dir = "a"
+        [[datasets]]
+        validation_split = 0.5
+          [[datasets.subsets]]
+          image_dir = "b"
+    """
+    from_cli, from_file = load(tmp_path, config, "--resolution", "512", "--validation_split", "0.25", "--validation_seed", "3")
+    assert (from_cli.validation_split, from_cli.validation_seed) == (0.25, 3)
+    assert (from_file.validation_split, from_file.validation_seed) == (0.5, 3)
+
+
 def test_deprecated_caption_extention_and_missing_dot(tmp_path):
     config = """
         [general]
@@ -194,7 +209,7 @@ SIMPLE = """
         ("", "caption_dropout_rate = 1.5", [], r"caption_dropout_rate must be between 0 and 1"),
         ("", "keep_tokens = -1", [], r"keep_tokens must not be negative"),
         ("", 'resize_interpolation = "fancy"', [], r"resize_interpolation must be one of lanczos"),
-        ("validation_split = 0.1", "", [], r"validation_split is not supported"),
+        ("validation_split = 1.0", "", [], r"validation_split must be at least 0 and below 1"),
         ("network_multiplier = 0.5", "", [], r"network_multiplier other than 1.0 is not supported"),
     ],
 )
@@ -301,7 +316,6 @@ def test_argument_defaults_match_sd_scripts():
         (["--face_crop_aug_range", "2.0,4.0"], "--face_crop_aug_range is not supported"),
         (["--debug_dataset"], "--debug_dataset is not supported"),
         (["--dataset_class", "my.Dataset"], "--dataset_class is not supported"),
-        (["--validation_split", "0.2"], "--validation_split is not supported"),
     ],
 )
 def test_unsupported_arguments_are_refused_by_name(argv, message):
