@@ -12,7 +12,7 @@ import numpy as np
 
 import mindspore as ms
 
-from library.layers import store_weights_in
+from library.layers import HALF_PRECISION_DTYPES, store_weights_in
 from library.model_loading import load_sdxl
 from library.sdxl_vae import SDXL_VAE_SCALE_FACTOR, sample_latents
 from library.text_encoders import SDXLTextEncoding, eos_mask
@@ -22,18 +22,16 @@ from train_network import NetworkTrainer, main
 
 logger = logging.getLogger("sdxl_train_network")
 
-HALF_PRECISIONS = {"fp16": ms.float16, "bf16": ms.bfloat16}
-
 
 class SdxlNetworkTrainer(NetworkTrainer):
     vae_scale_factor = SDXL_VAE_SCALE_FACTOR
 
     def load_target_model(self, args):
         models = load_sdxl(args.pretrained_model_name_or_path, args.vae)
-        if args.mixed_precision in HALF_PRECISIONS:
+        if args.mixed_precision in HALF_PRECISION_DTYPES:
             # As sd-scripts: the frozen UNet is held in the mixed-precision dtype; here the layers cast each
             # weight to the activations' dtype, and compute stays fp32 (CPU has no fast half kernels).
-            saved = store_weights_in(models.unet, HALF_PRECISIONS[args.mixed_precision])
+            saved = store_weights_in(models.unet, HALF_PRECISION_DTYPES[args.mixed_precision])
             logger.info(f"--mixed_precision {args.mixed_precision}: UNet weights stored in {args.mixed_precision} "
                         f"({saved / 2**30:.2f} GiB saved); computation in fp32, so each layer casts its weight "
                         f"(on CPU this costs time: 2x s/step measured at full size)")

@@ -29,7 +29,7 @@ import mindspore as ms  # noqa: E402
 from mindspore import mint, nn, ops  # noqa: E402
 
 from library.diffusion import DiffusionTrainingMath, NoiseSettings  # noqa: E402
-from library.layers import freeze, store_weights_in, weight_init  # noqa: E402
+from library.layers import HALF_PRECISION_DTYPES, freeze, store_weights_in, weight_init  # noqa: E402
 from library.model_configs import sdxl_base_configs  # noqa: E402
 from library.optimizers import create_optimizer  # noqa: E402
 from library.sdxl_unet import SDXLUNet, UNetConfig  # noqa: E402
@@ -114,15 +114,6 @@ class _BlockUnit:
         return result if self.lora_params else (result, ())
 
 
-class _Embedding(nn.Cell):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def construct(self, timesteps, y):
-        return self.unet.time_embed(self.unet.time_step_embedding(timesteps)) + self.unet.label_emb(y)
-
-
 class _Head(nn.Cell):
     def __init__(self, unet):
         super().__init__()
@@ -134,7 +125,7 @@ class _Head(nn.Cell):
 
 def blockwise_loss_and_gradients(unet):
     """(latents, timesteps, context, y, target) -> (l2 loss, LoRA gradients), one compiled graph per block."""
-    embed = ms.jit(_Embedding(unet).construct)
+    embed = ms.jit(unet.embedding)
     down = [_BlockUnit(block) for block in unet.input_blocks]
     middle = _BlockUnit(unet.middle_block)
     up = [_BlockUnit(block) for block in unet.output_blocks]
@@ -157,14 +148,15 @@ def blockwise_loss_and_gradients(unet):
         loss = (diff * diff).mean()
         upstream, gradients = diff * (2.0 / diff.size), []
         skip_gradients = [None] * len(skips)
-        for unit in [head] + up[::-1]:
+        upstream, grads = head.backward(inputs.pop(), emb, context, upstream)
+        gradients += list(grads)
+        for index in reversed(range(len(up))):
             x = inputs.pop()
-            upstream, grads = unit.backward(x, emb, context, upstream)
+            upstream, grads = up[index].backward(x, emb, context, upstream)
             gradients += list(grads)
-            if unit is not head:
-                skip_index = len(skips) - 1 - up.index(unit)
-                channels = x.shape[1] - skips[skip_index].shape[1]
-                upstream, skip_gradients[skip_index] = upstream[:, :channels], upstream[:, channels:]
+            skip_index = len(skips) - 1 - index
+            channels = x.shape[1] - skips[skip_index].shape[1]
+            upstream, skip_gradients[skip_index] = upstream[:, :channels], upstream[:, channels:]
         upstream, grads = middle.backward(inputs.pop(), emb, context, upstream)
         gradients += list(grads)
         for index in reversed(range(len(down))):
@@ -197,7 +189,7 @@ def main(argv=None):
     network.apply_to([], unet, apply_text_encoder=False, apply_unet=True)
     freeze(unet)
     if args.base_dtype != "fp32":
-        store_weights_in(unet, {"fp16": ms.float16, "bf16": ms.bfloat16}[args.base_dtype])
+        store_weights_in(unet, HALF_PRECISION_DTYPES[args.base_dtype])
     groups, _ = network.prepare_optimizer_params(None, None, 1e-4)
     optimizer, _, _ = create_optimizer("AdamW", groups, 1e-4)
     step = TrainStepForSDXLLoRA(SDXLLoRALoss(unet, CachedConditioning()), optimizer, 1.0)

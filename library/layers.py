@@ -53,6 +53,10 @@ class FreezableCell(nn.Cell):
         return ops.stop_gradient(value) if self.frozen else value
 
 
+# --mixed_precision / benchmark names of the half precisions frozen weights may be stored in.
+HALF_PRECISION_DTYPES = {"fp16": ms.float16, "bf16": ms.bfloat16}
+
+
 def store_weights_in(model: nn.Cell, dtype) -> int:
     """Replace the parameters of `model`'s layers by `dtype` copies (frozen base weights in half precision,
     as sd-scripts stores them under --mixed_precision); the layers keep computing in the input's dtype.

@@ -243,8 +243,12 @@ class SDXLUNet(nn.Cell):
 
         self.out = nn.SequentialCell([GroupNorm(groups, ch, 1e-5), SiLU(), Conv2d(ch, config.out_channels, 3, padding=1)])
 
+    def embedding(self, timesteps, y):
+        """The time + vector-conditioning embedding every ResBlock receives."""
+        return self.time_embed(self.time_step_embedding(timesteps)) + self.label_emb(y)
+
     def construct(self, x, timesteps, context, y):
-        emb = self.time_embed(self.time_step_embedding(timesteps)) + self.label_emb(y)
+        emb = self.embedding(timesteps, y)
         h = x
         skips = []
         for block in self.input_blocks:
