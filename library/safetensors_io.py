@@ -62,6 +62,8 @@ def save_safetensors_streaming(entries: Iterable[StreamedTensor], path, metadata
 def _write_atomically(path, write: Callable) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    # Every writer gets its output folder made, as sd-scripts makes --output_dir (demo/ on a fresh clone).
+    os.makedirs(folder, exist_ok=True)
     # Not tempfile.mkstemp: its 0600 mode would stick to the saved model; "x" honours the umask.
     temp_path = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     try:

@@ -153,9 +153,6 @@ def extract(args) -> None:
                                   load_dtype)
     tensors = {name: value.astype(save_dtype) for name, value in kohya_state(modules).items()}
     metadata = extraction_metadata(args.dim, args.conv_dim, args.v_parameterization, args.save_to, args.no_metadata)
-    folder = os.path.dirname(args.save_to)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
     save_safetensors(tensors, args.save_to, finalize_lora_metadata(tensors, metadata))
     text_encoder_modules = sum(1 for name in modules if not name.startswith("lora_unet_"))
     print(f"extracted {len(modules)} modules ({text_encoder_modules} in the text encoders); saved to {args.save_to}")

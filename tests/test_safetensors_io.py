@@ -133,6 +133,13 @@ def test_failed_rename_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
     assert leftover_temp_files(tmp_path) == []
 
 
+def test_save_makes_the_missing_output_folder(tmp_path):
+    path = tmp_path / "new" / "deeper" / "lora.safetensors"
+    save_safetensors({"x": np.arange(3, dtype=np.float32)}, path, {"version": "1"})
+    assert read_metadata(path) == {"version": "1"}
+    assert leftover_temp_files(path.parent) == []
+
+
 def test_save_replaces_existing_file(tmp_path):
     path = tmp_path / "lora.safetensors"
     save_safetensors({"x": np.ones(3, np.float32)}, path, {"version": "old"})
