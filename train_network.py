@@ -233,11 +233,13 @@ class NetworkTrainer:
                                    state)
                     if args.save_every_n_epochs and finished_epoch % args.save_every_n_epochs == 0 and state.epoch <= num_epochs:
                         self.save_checkpoint(args, network, optimizer, state, metadata, epoch_name=finished_epoch)
-                    if args.sample_every_n_epochs and finished_epoch % args.sample_every_n_epochs == 0:
+                    if epoch_sample_due(args, finished_epoch):
                         self.sample_images(args, models, finished_epoch, state.global_step)
                     continue
-                # the step limit ended this epoch early; sd-scripts still validates and logs its end
+                # the step limit ended this epoch early; sd-scripts still validates, logs and samples its end
                 self.end_epoch(args, models, dataset_group, training_log, progress, loss_recorder, state.epoch, state)
+                if epoch_sample_due(args, state.epoch):
+                    self.sample_images(args, models, state.epoch, state.global_step)
                 break
         except KeyboardInterrupt:
             progress.close()
@@ -254,7 +256,6 @@ class NetworkTrainer:
         path = self.save_model(args, network, metadata, state, args.output_name)
         if args.save_state or args.save_state_on_train_end:
             self.save_state(args, network, optimizer, state, f"{args.output_name}-state")
-        self.sample_images(args, models, state.epoch, state.global_step)
         logger.info("model saved: %s", path)
 
     # ---- logging --------------------------------------------------------------------------------
@@ -368,6 +369,11 @@ class NetworkTrainer:
             state = TrainState.from_json(handle.read())
         logger.info("resuming from %s at epoch %d, step %d", folder, state.epoch, state.global_step)
         return state
+
+
+def epoch_sample_due(args, epoch: int) -> bool:
+    """sd-scripts samples at the end of (1-based) epoch `epoch` only when --sample_every_n_epochs divides it."""
+    return bool(args.sample_every_n_epochs) and epoch % args.sample_every_n_epochs == 0
 
 
 def validation_timesteps(args) -> List[int]:
