@@ -12,6 +12,7 @@ import numpy as np
 
 import mindspore as ms
 
+from library.errors import UserError
 from library.layers import HALF_PRECISION_DTYPES, store_weights_in
 from library.model_loading import load_sdxl
 from library.sdxl_vae import SDXL_VAE_SCALE_FACTOR, sample_latents
@@ -78,6 +79,20 @@ class SdxlNetworkTrainer(NetworkTrainer):
         else:
             conditioning = FrozenConditioning(self.text_encoding)
         return SDXLLoRALoss(models.unet, conditioning, args.loss_type)
+
+    def build_train_step(self, args, loss_cell, optimizer):
+        if not args.gradient_checkpointing:
+            return super().build_train_step(args, loss_cell, optimizer)
+        if args.pynative:
+            raise UserError("--pynative and --gradient_checkpointing do not combine: checkpointing compiles the "
+                            "UNet block by block; drop one of them")
+        from library.blockwise import BlockwiseTrainStepForSDXLLoRA
+
+        step = BlockwiseTrainStepForSDXLLoRA(loss_cell, optimizer, args.max_grad_norm,
+                                             args.gradient_accumulation_steps)
+        logger.info(f"--gradient_checkpointing: the UNet runs as {step.blockwise.num_compiled_units} separately "
+                    "compiled units, each recomputed in the backward pass")
+        return step.run
 
     def step_inputs(self, args, batch, latents, targets):
         sizes = np.concatenate([batch.original_sizes_hw, batch.crop_top_lefts, batch.target_sizes_hw], axis=1)

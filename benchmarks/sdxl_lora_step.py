@@ -2,7 +2,7 @@
 
     python benchmarks/sdxl_lora_step.py --size full --resolution 256 --steps 6
     python benchmarks/sdxl_lora_step.py --size tiny --resolution 64 --steps 10 --pynative
-    python benchmarks/sdxl_lora_step.py --size full --resolution 256 --steps 4 --compile_unit block
+    python benchmarks/sdxl_lora_step.py --size full --resolution 256 --steps 4 --gradient_checkpointing
 
 Random weights (full: SDXL base configs from configs/sdxl_base), rank-8 UNet-only LoRA on sd-scripts'
 targets, cached-conditioning inputs of the right shapes, batch 1, fp32, AdamW. Prints compile time
@@ -10,9 +10,9 @@ targets, cached-conditioning inputs of the right shapes, batch 1, fp32, AdamW. P
 twice the UNet forward: the forward, and the backward to the activations; weight gradients exist only
 for the small LoRA matrices).
 
-`--compile_unit block` measures the per-block alternative of the design (README, "Full-size step"):
-each top-level UNet block is compiled on its own, forward and backward (recomputing its forward),
-with only the block inputs kept between them; the optimizer update is not included.
+`--gradient_checkpointing` measures the trainer's step under that flag (library/blockwise.py): the UNet
+compiled unit by unit, units of the same structure sharing a graph, each unit's forward recomputed in
+the backward pass (README, "Full-size step").
 """
 
 import argparse
@@ -26,8 +26,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mindspore as ms  # noqa: E402
-from mindspore import mint, nn, ops  # noqa: E402
 
+from library.blockwise import BlockwiseTrainStepForSDXLLoRA  # noqa: E402
 from library.diffusion import DiffusionTrainingMath, NoiseSettings  # noqa: E402
 from library.layers import HALF_PRECISION_DTYPES, freeze, store_weights_in, weight_init  # noqa: E402
 from library.model_configs import sdxl_base_configs  # noqa: E402
@@ -92,81 +92,6 @@ def unet_forward_flops(config: UNetConfig, height: int, width: int, context_toke
     return flops + conv(ch, config.out_channels, h * w)
 
 
-class _BlockUnit:
-    """One top-level UNet block compiled alone: forward, and backward to its input and LoRA weights."""
-
-    def __init__(self, cell: nn.Cell):
-        self.forward = ms.jit(cell.construct)
-        self.lora_params = [param for _, param in cell.parameters_and_names() if param.requires_grad]
-
-        def output_dot_upstream(x, emb, context, upstream):
-            return (cell(x, emb, context) * upstream).sum()
-
-        gradient = ops.grad(output_dot_upstream, grad_position=0, weights=self.lora_params or None)
-
-        def backward(x, emb, context, upstream):
-            return gradient(x, emb, context, upstream)
-
-        self._backward = ms.jit(backward)
-
-    def backward(self, x, emb, context, upstream):
-        result = self._backward(x, emb, context, upstream)
-        return result if self.lora_params else (result, ())
-
-
-class _Head(nn.Cell):
-    def __init__(self, unet):
-        super().__init__()
-        self.out = unet.out
-
-    def construct(self, x, emb, context):
-        return self.out(x)
-
-
-def blockwise_loss_and_gradients(unet):
-    """(latents, timesteps, context, y, target) -> (l2 loss, LoRA gradients), one compiled graph per block."""
-    embed = ms.jit(unet.embedding)
-    down = [_BlockUnit(block) for block in unet.input_blocks]
-    middle = _BlockUnit(unet.middle_block)
-    up = [_BlockUnit(block) for block in unet.output_blocks]
-    head = _BlockUnit(_Head(unet))
-
-    def run(latents, timesteps, context, y, target):
-        emb = embed(timesteps, y)
-        inputs, skips, h = [], [], latents
-        for unit in down:
-            inputs.append(h)
-            h = unit.forward(h, emb, context)
-            skips.append(h)
-        inputs.append(h)
-        h = middle.forward(h, emb, context)
-        for index, unit in enumerate(up):
-            inputs.append(mint.cat((h, skips[-1 - index]), dim=1))
-            h = unit.forward(inputs[-1], emb, context)
-        inputs.append(h)
-        diff = head.forward(h, emb, context) - target
-        loss = (diff * diff).mean()
-        upstream, gradients = diff * (2.0 / diff.size), []
-        skip_gradients = [None] * len(skips)
-        upstream, grads = head.backward(inputs.pop(), emb, context, upstream)
-        gradients += list(grads)
-        for index in reversed(range(len(up))):
-            x = inputs.pop()
-            upstream, grads = up[index].backward(x, emb, context, upstream)
-            gradients += list(grads)
-            skip_index = len(skips) - 1 - index
-            channels = x.shape[1] - skips[skip_index].shape[1]
-            upstream, skip_gradients[skip_index] = upstream[:, :channels], upstream[:, channels:]
-        upstream, grads = middle.backward(inputs.pop(), emb, context, upstream)
-        gradients += list(grads)
-        for index in reversed(range(len(down))):
-            upstream, grads = down[index].backward(inputs.pop(), emb, context, upstream + skip_gradients[index])
-            gradients += list(grads)
-        return loss, gradients
-
-    return run
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=("tiny", "mid", "full"), default="tiny")
@@ -176,8 +101,8 @@ def main(argv=None):
     parser.add_argument("--pynative", action="store_true")
     parser.add_argument("--base_dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                         help="storage of the frozen UNet weights (--mixed_precision); compute stays fp32")
-    parser.add_argument("--compile_unit", choices=("step", "block"), default="step",
-                        help="step: the whole training step is one graph; block: one graph per UNet block")
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="the trainer's unit-by-unit step instead of the whole step as one graph")
     args = parser.parse_args(argv)
 
     config = {"tiny": TINY_UNET, "mid": MID_UNET, "full": sdxl_base_configs()[0]}[args.size]
@@ -192,13 +117,11 @@ def main(argv=None):
         store_weights_in(unet, HALF_PRECISION_DTYPES[args.base_dtype])
     groups, _ = network.prepare_optimizer_params(None, None, 1e-4)
     optimizer, _, _ = create_optimizer("AdamW", groups, 1e-4)
-    step = TrainStepForSDXLLoRA(SDXLLoRALoss(unet, CachedConditioning()), optimizer, 1.0)
-    if args.compile_unit == "block":
-        blockwise = blockwise_loss_and_gradients(unet)
-
-        def run(noisy_latents, target, timesteps, sizes, loss_weights, huber_c, context, pooled, unused):
-            return blockwise(noisy_latents, timesteps, context, step.model.size_embedding(pooled, sizes), target)
+    loss_cell = SDXLLoRALoss(unet, CachedConditioning())
+    if args.gradient_checkpointing:
+        run = BlockwiseTrainStepForSDXLLoRA(loss_cell, optimizer, 1.0).run
     else:
+        step = TrainStepForSDXLLoRA(loss_cell, optimizer, 1.0)
         run = step if args.pynative else ms.jit(step.construct)
 
     side = args.resolution // 8
@@ -220,7 +143,7 @@ def main(argv=None):
     steady = float(np.median(times[1:])) if len(times) > 1 else float("nan")
     flops = 2 * unet_forward_flops(config, side, side)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    mode = "pynative" if args.pynative else "graph" if args.compile_unit == "step" else "graph-per-block"
+    mode = "pynative" if args.pynative else "graph-per-unit" if args.gradient_checkpointing else "graph"
     print(f"size={args.size} resolution={args.resolution} mode={mode} base={args.base_dtype} "
           f"build={build_seconds:.1f}s first_step={times[0]:.1f}s median_step={steady:.2f}s "
           f"peak_rss={peak:.2f}GiB step_gflop={flops / 1e9:.1f} achieved_gflops={flops / 1e9 / steady:.1f}")

@@ -13,7 +13,7 @@ from typing import Tuple
 from mindspore import mint, nn
 
 from library import backend
-from library.layers import Conv2d, Dropout, GroupNorm, Identity, LayerNorm, Linear, SiLU, SinusoidalEmbedding
+from library.layers import Conv2d, Dropout, GroupNorm, Identity, LayerNorm, Linear, Sequential, SiLU, SinusoidalEmbedding
 
 # SDXL conditions on (original_size, crop_top_left, target_size), each number embedded in 256 dims.
 SIZE_EMBEDDING_DIM = 256
@@ -49,20 +49,18 @@ SDXL_BASE_UNET = UNetConfig()
 class ResBlock(nn.Cell):
     def __init__(self, channels: int, out_channels: int, emb_channels: int, groups: int):
         super().__init__()
-        self.in_layers = nn.SequentialCell(
-            [GroupNorm(groups, channels, 1e-5), SiLU(), Conv2d(channels, out_channels, 3, padding=1)]
-        )
-        self.emb_layers = nn.SequentialCell([SiLU(), Linear(emb_channels, out_channels)])
-        self.out_layers = nn.SequentialCell(
+        self.in_layers = Sequential([GroupNorm(groups, channels, 1e-5), SiLU(), Conv2d(channels, out_channels, 3, padding=1)])
+        self.emb_layers = Sequential([SiLU(), Linear(emb_channels, out_channels)])
+        self.out_layers = Sequential(
             [GroupNorm(groups, out_channels, 1e-5), SiLU(), Dropout(0.0), Conv2d(out_channels, out_channels, 3, padding=1)]
         )
         self.skip_connection = Conv2d(channels, out_channels, 1) if channels != out_channels else Identity()
 
-    def construct(self, x, emb, context):
-        h = self.in_layers(x)
-        h = h + self.emb_layers(emb)[:, :, None, None]
-        h = self.out_layers(h)
-        return self.skip_connection(x) + h
+    def construct(self, x, emb, context, weights=None):
+        h = self.in_layers(x, weights)
+        h = h + self.emb_layers(emb, weights)[:, :, None, None]
+        h = self.out_layers(h, weights)
+        return self.skip_connection(x, weights) + h
 
 
 class CrossAttention(nn.Cell):
@@ -73,19 +71,19 @@ class CrossAttention(nn.Cell):
         self.to_q = Linear(query_dim, inner, bias=False)
         self.to_k = Linear(context_dim, inner, bias=False)
         self.to_v = Linear(context_dim, inner, bias=False)
-        self.to_out = nn.SequentialCell([Linear(inner, query_dim), Dropout(0.0)])
+        self.to_out = Sequential([Linear(inner, query_dim), Dropout(0.0)])
 
     def _split_heads(self, x):
         batch, tokens, _ = x.shape
         return x.reshape(batch, tokens, self.heads, -1).swapaxes(1, 2)
 
-    def construct(self, x, context):
-        q = self._split_heads(self.to_q(x))
-        k = self._split_heads(self.to_k(context))
-        v = self._split_heads(self.to_v(context))
+    def construct(self, x, context, weights=None):
+        q = self._split_heads(self.to_q(x, weights))
+        k = self._split_heads(self.to_k(context, weights))
+        v = self._split_heads(self.to_v(context, weights))
         out = backend.attention(q, k, v)
         batch, _, tokens, _ = out.shape
-        return self.to_out(out.swapaxes(1, 2).reshape(batch, tokens, -1))
+        return self.to_out(out.swapaxes(1, 2).reshape(batch, tokens, -1), weights)
 
 
 class GEGLU(nn.Cell):
@@ -94,8 +92,8 @@ class GEGLU(nn.Cell):
         self.dim_out = dim_out
         self.proj = Linear(dim_in, dim_out * 2)
 
-    def construct(self, x):
-        h = self.proj(x)
+    def construct(self, x, weights=None):
+        h = self.proj(x, weights)
         # Slicing rather than chunk: Chunk has no CPU kernel in graph mode.
         return h[..., : self.dim_out] * backend.gelu(h[..., self.dim_out :])
 
@@ -104,10 +102,10 @@ class FeedForward(nn.Cell):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         inner = dim * mult
-        self.net = nn.SequentialCell([GEGLU(dim, inner), Dropout(0.0), Linear(inner, dim)])
+        self.net = Sequential([GEGLU(dim, inner), Dropout(0.0), Linear(inner, dim)])
 
-    def construct(self, x):
-        return self.net(x)
+    def construct(self, x, weights=None):
+        return self.net(x, weights)
 
 
 class BasicTransformerBlock(nn.Cell):
@@ -120,11 +118,11 @@ class BasicTransformerBlock(nn.Cell):
         self.norm2 = LayerNorm(dim)
         self.norm3 = LayerNorm(dim)
 
-    def construct(self, x, context):
-        h = self.norm1(x)
-        x = x + self.attn1(h, h)
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+    def construct(self, x, context, weights=None):
+        h = self.norm1(x, weights)
+        x = x + self.attn1(h, h, weights)
+        x = x + self.attn2(self.norm2(x, weights), context, weights)
+        return x + self.ff(self.norm3(x, weights), weights)
 
 
 class SpatialTransformer(nn.Cell):
@@ -138,14 +136,23 @@ class SpatialTransformer(nn.Cell):
         )
         self.proj_out = Linear(inner, channels)
 
-    def construct(self, x, emb, context):
+    def project_in(self, x, weights=None):
+        """[B, C, H, W] -> normalised, projected tokens [B, H*W, inner]."""
         batch, channels, height, width = x.shape
-        h = self.norm(x).reshape(batch, channels, height * width).swapaxes(1, 2)
-        h = self.proj_in(h)
+        h = self.norm(x, weights).reshape(batch, channels, height * width).swapaxes(1, 2)
+        return self.proj_in(h, weights)
+
+    def project_out(self, x, tokens, weights=None):
+        """The residual output: x + the tokens projected back to [B, C, H, W]."""
+        batch, channels, height, width = x.shape
+        h = self.proj_out(tokens, weights)
+        return x + h.swapaxes(1, 2).reshape(batch, channels, height, width)
+
+    def construct(self, x, emb, context):
+        h = self.project_in(x)
         for block in self.transformer_blocks:
             h = block(h, context)
-        h = self.proj_out(h)
-        return x + h.swapaxes(1, 2).reshape(batch, channels, height, width)
+        return self.project_out(x, h)
 
 
 class Downsample(nn.Cell):
@@ -153,8 +160,8 @@ class Downsample(nn.Cell):
         super().__init__()
         self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
-    def construct(self, x, emb, context):
-        return self.op(x)
+    def construct(self, x, emb, context, weights=None):
+        return self.op(x, weights)
 
 
 class Upsample(nn.Cell):
@@ -162,8 +169,8 @@ class Upsample(nn.Cell):
         super().__init__()
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
-    def construct(self, x, emb, context):
-        return self.conv(mint.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def construct(self, x, emb, context, weights=None):
+        return self.conv(mint.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"), weights)
 
 
 class InputConv(Conv2d):
@@ -172,8 +179,8 @@ class InputConv(Conv2d):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, 3, padding=1)
 
-    def construct(self, x, emb, context):
-        return super().construct(x)
+    def construct(self, x, emb, context, weights=None):
+        return super().construct(x, weights)
 
 
 class TimestepEmbedSequential(nn.SequentialCell):
@@ -241,7 +248,7 @@ class SDXLUNet(nn.Cell):
                 output_blocks.append(TimestepEmbedSequential(layers))
         self.output_blocks = nn.CellList(output_blocks)
 
-        self.out = nn.SequentialCell([GroupNorm(groups, ch, 1e-5), SiLU(), Conv2d(ch, config.out_channels, 3, padding=1)])
+        self.out = Sequential([GroupNorm(groups, ch, 1e-5), SiLU(), Conv2d(ch, config.out_channels, 3, padding=1)])
 
     def embedding(self, timesteps, y):
         """The time + vector-conditioning embedding every ResBlock receives."""

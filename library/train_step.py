@@ -66,12 +66,22 @@ class SDXLLoRALoss(nn.Cell):
         self.size_embedding = SizeEmbedding()
         self.loss_type = loss_type
 
-    def construct(self, noisy_latents, target, timesteps, sizes, loss_weights, huber_c, text_a, text_b, text_c):
+    def condition(self, sizes, text_a, text_b, text_c):
+        """-> (context, y): the UNet's cross-attention context and vector conditioning."""
         context, pooled = self.conditioning(text_a, text_b, text_c)
-        y = self.size_embedding(pooled, sizes)
-        prediction = self.unet(noisy_latents, timesteps, context, y)
-        loss = per_sample_loss(prediction, target, self.loss_type, huber_c) * loss_weights
-        return loss.mean()
+        return context, self.size_embedding(pooled, sizes)
+
+    def condition_unet(self, timesteps, sizes, text_a, text_b, text_c):
+        """-> (context, emb): the conditioning as the UNet's blocks receive it."""
+        context, y = self.condition(sizes, text_a, text_b, text_c)
+        return context, self.unet.embedding(timesteps, y)
+
+    def loss(self, prediction, target, loss_weights, huber_c):
+        return (per_sample_loss(prediction, target, self.loss_type, huber_c) * loss_weights).mean()
+
+    def construct(self, noisy_latents, target, timesteps, sizes, loss_weights, huber_c, text_a, text_b, text_c):
+        context, y = self.condition(sizes, text_a, text_b, text_c)
+        return self.loss(self.unet(noisy_latents, timesteps, context, y), target, loss_weights, huber_c)
 
 
 class TrainStepForSDXLLoRA(TrainStep):

@@ -26,7 +26,7 @@ from mindspore import Parameter, Tensor, mint, nn, ops
 
 from library import backend
 from library.errors import UserError
-from library.layers import Conv2d, Linear
+from library.layers import Conv2d, Linear, WeightedCell
 from library.lora_metadata import finalize_lora_metadata
 from library.safetensors_io import save_safetensors
 from library.sdxl_unet import Downsample, ResBlock, SDXLUNet, SpatialTransformer, Upsample
@@ -63,7 +63,7 @@ DEFAULT_CONV_ALPHA = 1.0
 # ---- The LoRA cell --------------------------------------------------------------------------------
 
 
-class LoRAWeight(nn.Cell):
+class LoRAWeight(WeightedCell):
     """One LoRA matrix, held as `weight` so parameter paths read `lora_down.weight` as in Kohya files."""
 
     def __init__(self, value: np.ndarray):
@@ -123,13 +123,16 @@ class LoRAModule(nn.Cell):
     def base_weight(self) -> Parameter:
         return self.org_module.weight
 
-    def construct(self, x):
-        out = self.org_module(x)
-        lx = self._project(x, self.lora_down.weight, self.stride, self.padding)
+    def construct(self, x, weights=None):
+        # A text encoder's own layers take no `weights`; only a compiled unit of our UNet passes them.
+        out = self.org_module(x) if weights is None else self.org_module(x, weights)
+        down = self.lora_down.own_or_passed(self.lora_down.weight, 0, weights)
+        up = self.lora_up.own_or_passed(self.lora_up.weight, 0, weights)
+        lx = self._project(x, down, self.stride, self.padding)
         scale = self.multiplier.astype(lx.dtype) * self.scale
         if self.training:
             lx, scale = self._training_dropouts(lx, scale)
-        lx = self._project(lx, self.lora_up.weight, 1, 0)
+        lx = self._project(lx, up, 1, 0)
         return out + lx * scale
 
     def _project(self, x, weight, stride, padding):

@@ -118,6 +118,20 @@ def test_config_file_trains_the_same_as_the_command_line(demo_setup):
             np.testing.assert_array_equal(a.read(key), b.read(key), err_msg=key)
 
 
+def test_gradient_checkpointing_trains_the_same_lora(demo_setup):
+    """--gradient_checkpointing runs the unit-by-unit step (library/blockwise.py): same files, same weights up to
+    float reassociation and the fp16 rounding of the saved values."""
+    root, dataset, model = demo_setup
+    train_main(SdxlNetworkTrainer, _args(root, dataset, model, "checkpointed", "--gradient_checkpointing"))
+    with open_safetensors(root / "checkpointed" / "lora.safetensors") as a, \
+            open_safetensors(root / "full" / "lora.safetensors") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        assert a.metadata["ss_gradient_checkpointing"] == "True"
+        for key in b.keys():
+            np.testing.assert_allclose(a.read(key).astype(np.float32), b.read(key).astype(np.float32),
+                                       rtol=5e-3, atol=1e-5, err_msg=key)
+
+
 @pytest.mark.parametrize("precision, dtype", [("no", ms.float32), ("fp16", ms.float16), ("bf16", ms.bfloat16)])
 def test_mixed_precision_holds_the_unet_in_that_precision(demo_setup, precision, dtype):
     from library.train_args import parse_args

@@ -1,0 +1,267 @@
+"""The SDXL LoRA step compiled unit by unit, which is what --gradient_checkpointing selects.
+
+Why: the whole step as one graph does not fit a full-size SDXL in 24 GiB on CPU, and compiling it takes
+many minutes (measured, README "Full-size step"). Here the UNet runs as a sequence of units (a ResBlock,
+the projections around a transformer, each transformer block, ...), each compiled alone, forward and
+backward. Units of the same structure share one compiled graph: their layers take the weights as
+arguments (library/layers.py, `weights`), so the 70 transformer blocks of SDXL compile twice, not 70
+times. Only the unit inputs are kept from forward to backward; each backward recomputes its unit's
+forward, as gradient checkpointing does.
+
+The accumulation, clipping and optimizer update after the gradients are mindone's TrainStep's, in one
+compiled graph.
+"""
+
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, mint, nn, ops
+
+from library.errors import UserError
+from library.layers import WeightedCell
+from library.sdxl_unet import SpatialTransformer
+from library.train_step import SDXLLoRALoss, TrainStepForSDXLLoRA
+
+# Attributes every Cell carries for MindSpore's own bookkeeping; they say nothing about a cell's computation.
+_CELL_INTERNALS = frozenset(vars(nn.Cell())) - {"training"}
+_STATIC_TYPES = (bool, int, float, type(None))
+
+
+def _owned_cells(cell: nn.Cell, exclude: str = "") -> List[nn.Cell]:
+    """The cells under `cell`, in registration order, leaving out the subtree named `exclude`."""
+    return [sub for name, sub in cell.cells_and_names()
+            if not exclude or not (name == exclude or name.startswith(exclude + "."))]
+
+
+def bind_weight_slots(cell: nn.Cell, exclude: str = "") -> List[Parameter]:
+    """Give every weighted layer under `cell` its slot in one flat weight tuple; return the tuple's Parameters."""
+    weights = []
+    for sub in _owned_cells(cell, exclude):
+        if isinstance(sub, WeightedCell):
+            sub.slot = len(weights)
+            weights += sub.weight_params()
+    return weights
+
+
+def structure_key(cell: nn.Cell, exclude: str = "") -> Tuple:
+    """Everything a unit's compiled graph depends on besides its weights' values: cell types, their numeric
+    settings (heads, eps, LoRA scale, dropouts, slots, training mode), and each parameter's shape, dtype
+    and trainability. Names (a LoRA module's `lora_name`) are deliberately left out."""
+    parts = []
+    for sub in _owned_cells(cell, exclude):
+        settings = tuple(sorted((key, value) for key, value in vars(sub).items()
+                                if key not in _CELL_INTERNALS and not key.startswith("_")
+                                and isinstance(value, _STATIC_TYPES + (tuple,))
+                                and all(isinstance(item, _STATIC_TYPES) for item in
+                                        (value if isinstance(value, tuple) else (value,)))))
+        params = tuple((tuple(p.shape), str(p.dtype), p.requires_grad) for p in sub.get_parameters(expand=False))
+        parts.append((type(sub).__name__, settings, params))
+    return tuple(parts)
+
+
+class _Graph(nn.Cell):
+    """A function to compile; as a Cell, compiling the same code again for another unit is not a warning."""
+
+    def __init__(self, function: Callable):
+        super().__init__()
+        self.function = function
+
+    def construct(self, *tensors):
+        return self.function(*tensors)
+
+
+class CompiledUnit:
+    """`call(activations, constants, weights) -> tensor`, compiled forward and backward.
+
+    backward returns the gradients of the activations and of the trainable weights (`trainable`: their
+    indices in the weight tuple) for the given gradient of the output; it recomputes the forward.
+    """
+
+    def __init__(self, call: Callable, num_activations: int, num_constants: int, trainable: Sequence[int]):
+        self.num_activations, self.trainable = num_activations, tuple(trainable)
+        first_weight = num_activations + num_constants
+
+        def forward(*tensors):
+            return call(tensors[:num_activations], tensors[num_activations:first_weight], tensors[first_weight:])
+
+        def output_dot_upstream(upstream, *tensors):
+            return (forward(*tensors) * upstream).sum()
+
+        positions = tuple(range(1, 1 + num_activations)) + tuple(1 + first_weight + i for i in self.trainable)
+        gradient = ops.grad(output_dot_upstream, grad_position=positions)
+
+        def backward(upstream, *tensors):
+            return gradient(upstream, *tensors)
+
+        self.forward, self._backward = ms.jit(_Graph(forward).construct), ms.jit(_Graph(backward).construct)
+
+    def backward(self, upstream, tensors) -> Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]:
+        grads = self._backward(upstream, *tensors)
+        if not isinstance(grads, tuple):  # ops.grad returns a lone gradient bare, even for a 1-tuple of positions
+            grads = (grads,)
+        return tuple(grads[: self.num_activations]), tuple(grads[self.num_activations:])
+
+
+class Tape:
+    """The units run by one forward pass, with their inputs, for the backward pass."""
+
+    def __init__(self):
+        self.entries = []
+
+    def run(self, unit: CompiledUnit, weights: Sequence[Parameter], activations: Tuple, constants: Tuple) -> Tensor:
+        tensors = (*activations, *constants, *(param.value() for param in weights))
+        output = unit.forward(*tensors)
+        self.entries.append((unit, weights, tensors, activations, output))
+        return output
+
+    def backward(self, output: Tensor, upstream: Tensor) -> Dict[int, Tensor]:
+        """Gradients of the trainable weights (by id of the Parameter) given d(objective)/d(output)."""
+        activation_grads = {id(output): upstream}
+        weight_grads: Dict[int, Tensor] = {}
+        for unit, weights, tensors, activations, output in reversed(self.entries):
+            grads_in, grads_w = unit.backward(activation_grads.pop(id(output)), tensors)
+            for activation, grad in zip(activations, grads_in):
+                _accumulate(activation_grads, id(activation), grad)
+            for index, grad in zip(unit.trainable, grads_w):
+                _accumulate(weight_grads, id(weights[index]), grad)
+        self.entries = []
+        return weight_grads
+
+
+def _accumulate(grads: Dict[int, Tensor], key: int, grad: Tensor) -> None:
+    grads[key] = grad if key not in grads else grads[key] + grad
+
+
+def _unit_call(kind: str, cell: nn.Cell, loss_cell: SDXLLoRALoss) -> Callable:
+    """The computation of one unit kind on `cell`, as a function of (activations, constants, weights)."""
+    if kind == "layer":
+        def call(activations, constants, weights):
+            return cell(activations[0], constants[0], constants[1], weights)
+    elif kind == "layer_on_skip":
+        def call(activations, constants, weights):
+            return cell(mint.cat((activations[0], activations[1]), dim=1), constants[0], constants[1], weights)
+    elif kind == "transformer_in":
+        def call(activations, constants, weights):
+            return cell.project_in(activations[0], weights)
+    elif kind == "transformer_block":
+        def call(activations, constants, weights):
+            return cell(activations[0], constants[1], weights)
+    elif kind == "transformer_out":
+        def call(activations, constants, weights):
+            return cell.project_out(activations[0], activations[1], weights)
+    else:
+        def call(activations, constants, weights):
+            prediction = cell(activations[0], weights)
+            return loss_cell.loss(prediction, constants[0], constants[1], constants[2])
+    return call
+
+
+class BlockwiseSDXLLoss:
+    """SDXLLoRALoss computed unit by unit: (step inputs) -> (loss, gradients of `params` in their order)."""
+
+    def __init__(self, loss_cell: SDXLLoRALoss, params: Sequence[Parameter]):
+        self.loss_cell, self.unet, self.params = loss_cell, loss_cell.unet, list(params)
+        self._units: Dict[Tuple, CompiledUnit] = {}
+        self._cell_units: Dict[Tuple[str, int], Tuple[CompiledUnit, List[Parameter]]] = {}
+        self._condition = ms.jit(loss_cell.condition_unet)
+        covered = set()
+        for kind, cell, exclude in self._unit_cells():
+            weights = self._register(kind, cell, exclude)
+            covered.update(id(param) for param in weights if param.requires_grad)
+        outside = [param.name for param in self.params if id(param) not in covered]
+        if outside:
+            raise UserError("--gradient_checkpointing trains the UNet's LoRA only for now; add "
+                            f"--network_train_unet_only (not in the UNet: {outside[0]} and {len(outside) - 1} more)")
+
+    def _unit_cells(self):
+        unet = self.unet
+        for block in (*unet.input_blocks, unet.middle_block, *unet.output_blocks):
+            for index, layer in enumerate(block.cell_list):
+                if isinstance(layer, SpatialTransformer):
+                    yield "transformer_in", layer, "transformer_blocks"
+                    yield "transformer_out", layer, "transformer_blocks"
+                    for transformer_block in layer.transformer_blocks:
+                        yield "transformer_block", transformer_block, ""
+                else:
+                    on_skip = index == 0 and any(block is up for up in unet.output_blocks)
+                    yield "layer_on_skip" if on_skip else "layer", layer, ""
+        yield "loss", unet.out, ""
+
+    def _register(self, kind: str, cell: nn.Cell, exclude: str) -> List[Parameter]:
+        weights = bind_weight_slots(cell, exclude)
+        key = (kind, self.loss_cell.loss_type, structure_key(cell, exclude))
+        if key not in self._units:
+            num_activations = {"layer_on_skip": 2, "transformer_out": 2}.get(kind, 1)
+            num_constants = 3 if kind == "loss" else 2
+            trainable = [i for i, param in enumerate(weights) if param.requires_grad]
+            self._units[key] = CompiledUnit(_unit_call(kind, cell, self.loss_cell), num_activations, num_constants,
+                                            trainable)
+        self._cell_units[(kind, id(cell))] = (self._units[key], weights)
+        return weights
+
+    @property
+    def num_compiled_units(self) -> int:
+        return len(self._units)
+
+    def _run(self, tape: Tape, kind: str, cell: nn.Cell, activations: Tuple, constants: Tuple) -> Tensor:
+        unit, weights = self._cell_units[(kind, id(cell))]
+        return tape.run(unit, weights, activations, constants)
+
+    def _block(self, tape: Tape, block, activations: Tuple, constants: Tuple) -> Tensor:
+        for index, layer in enumerate(block.cell_list):
+            if isinstance(layer, SpatialTransformer):
+                x = activations[0]
+                tokens = self._run(tape, "transformer_in", layer, (x,), constants)
+                for transformer_block in layer.transformer_blocks:
+                    tokens = self._run(tape, "transformer_block", transformer_block, (tokens,), constants)
+                x = self._run(tape, "transformer_out", layer, (x, tokens), constants)
+            else:
+                x = self._run(tape, "layer_on_skip" if len(activations) == 2 else "layer", layer, activations,
+                              constants)
+            activations = (x,)
+        return activations[0]
+
+    def __call__(self, upstream: Tensor, noisy_latents, target, timesteps, sizes, loss_weights, huber_c,
+                 text_a, text_b, text_c) -> Tuple[Tensor, List[Tensor]]:
+        """The loss and the gradients of upstream * loss."""
+        context, emb = self._condition(timesteps, sizes, text_a, text_b, text_c)
+        constants, tape, skips = (emb, context), Tape(), []
+        h = noisy_latents
+        for block in self.unet.input_blocks:
+            h = self._block(tape, block, (h,), constants)
+            skips.append(h)
+        h = self._block(tape, self.unet.middle_block, (h,), constants)
+        for block in self.unet.output_blocks:
+            h = self._block(tape, block, (h, skips.pop()), constants)
+        loss = self._run(tape, "loss", self.unet.out, (h,), (target, loss_weights, huber_c))
+        weight_grads = tape.backward(loss, upstream)
+        return loss, [weight_grads.get(id(param), ops.zeros(param.shape, param.dtype)) for param in self.params]
+
+
+class BlockwiseTrainStepForSDXLLoRA(TrainStepForSDXLLoRA):
+    """TrainStepForSDXLLoRA whose gradients come from BlockwiseSDXLLoss; call `run(*step inputs)`.
+
+    Not compiled as a whole: `run` drives the compiled units, then `apply_gradients`, compiled once."""
+
+    def __init__(self, loss_cell: SDXLLoRALoss, optimizer, max_grad_norm=None, gradient_accumulation_steps=1):
+        super().__init__(loss_cell, optimizer, max_grad_norm, gradient_accumulation_steps)
+        self.set_train(True)  # before the units are keyed: the training mode is part of their structure
+        self.blockwise = BlockwiseSDXLLoss(loss_cell, self.parameters)
+        self._upstream = self.scale_loss(Tensor(1.0, ms.float32))
+        self._apply_gradients = ms.jit(self.apply_gradients)
+
+    def apply_gradients(self, loss, *grads):
+        """The part of mindone's TrainStep.construct after the backward pass, which it has no method for."""
+        grads = self.grad_accumulator.step(grads)
+        if self.sync_gradients:
+            grads = self.grad_scaler.unscale(grads)
+            grads = self.grad_clipper.clip_grad_norm(grads)
+            self.grad_scaler.step(self.optimizer, grads)
+            self.grad_scaler.update()
+            self.grad_accumulator.zero_grad()
+        return loss
+
+    def run(self, *inputs):
+        loss, grads = self.blockwise(self._upstream, *inputs)
+        loss = self._apply_gradients(loss, *grads)
+        return loss, loss
