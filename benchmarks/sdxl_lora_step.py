@@ -92,6 +92,37 @@ def unet_forward_flops(config: UNetConfig, height: int, width: int, context_toke
     return flops + conv(ch, config.out_channels, h * w)
 
 
+def time_units(units):
+    """Wrap each unit's forward and backward with a timer (waiting for the result); -> {(kind, pass, shape): [s]}."""
+    times = {}
+
+    def timed(function, kind, direction):
+        def call(*args):
+            start = time.perf_counter()
+            result = function(*args)
+            (result if direction == "forward" else result[0][0]).asnumpy()
+            shape = tuple(args[0].shape if direction == "forward" else args[1][0].shape)
+            times.setdefault((kind, direction, shape), []).append(time.perf_counter() - start)
+            return result
+        return call
+
+    for unit in units:
+        unit.forward = timed(unit.forward, unit.kind, "forward")
+        unit.backward = timed(unit.backward, unit.kind, "backward")
+    return times
+
+
+def print_unit_times(times, steps):
+    """Seconds per step in each (kind, pass, input shape), over steps 2..N (step 1 compiles)."""
+    rows = []
+    for (kind, direction, shape), values in times.items():
+        calls_per_step = len(values) // steps
+        rows.append((sum(values[calls_per_step:]) / max(steps - 1, 1), kind, direction, shape, calls_per_step))
+    print(f"units: {sum(row[0] for row in rows):.2f} s/step in compiled units (steps 2..{steps})")
+    for per_step, kind, direction, shape, calls in sorted(rows, reverse=True):
+        print(f"  {kind:18s} {direction:8s} {str(shape):22s} {calls:3d} calls {per_step:6.2f} s/step")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=("tiny", "mid", "full"), default="tiny")
@@ -103,6 +134,8 @@ def main(argv=None):
                         help="storage of the frozen UNet weights (--mixed_precision); compute stays fp32")
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="the trainer's unit-by-unit step instead of the whole step as one graph")
+    parser.add_argument("--profile_units", action="store_true",
+                        help="with --gradient_checkpointing: seconds per step in each kind of unit, forward and backward")
     args = parser.parse_args(argv)
 
     config = {"tiny": TINY_UNET, "mid": MID_UNET, "full": sdxl_base_configs()[0]}[args.size]
@@ -118,8 +151,12 @@ def main(argv=None):
     groups, _ = network.prepare_optimizer_params(None, None, 1e-4)
     optimizer, _, _ = create_optimizer("AdamW", groups, 1e-4)
     loss_cell = SDXLLoRALoss(unet, CachedConditioning())
+    unit_times = None
     if args.gradient_checkpointing:
-        run = BlockwiseTrainStepForSDXLLoRA(loss_cell, optimizer, 1.0).run
+        step = BlockwiseTrainStepForSDXLLoRA(loss_cell, optimizer, 1.0)
+        run = step.run
+        if args.profile_units:
+            unit_times = time_units(step.blockwise.compiled_units)
     else:
         step = TrainStepForSDXLLoRA(loss_cell, optimizer, 1.0)
         run = step if args.pynative else ms.jit(step.construct)
@@ -144,6 +181,8 @@ def main(argv=None):
     flops = 2 * unet_forward_flops(config, side, side)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     mode = "pynative" if args.pynative else "graph-per-unit" if args.gradient_checkpointing else "graph"
+    if unit_times is not None:
+        print_unit_times(unit_times, args.steps)
     print(f"size={args.size} resolution={args.resolution} mode={mode} base={args.base_dtype} "
           f"build={build_seconds:.1f}s first_step={times[0]:.1f}s median_step={steady:.2f}s "
           f"peak_rss={peak:.2f}GiB step_gflop={flops / 1e9:.1f} achieved_gflops={flops / 1e9 / steady:.1f}")

@@ -77,8 +77,9 @@ class CompiledUnit:
     indices in the weight tuple) for the given gradient of the output; it recomputes the forward.
     """
 
-    def __init__(self, call: Callable, num_activations: int, num_constants: int, trainable: Sequence[int]):
-        self.num_activations, self.trainable = num_activations, tuple(trainable)
+    def __init__(self, call: Callable, num_activations: int, num_constants: int, trainable: Sequence[int],
+                 kind: str = ""):
+        self.kind, self.num_activations, self.trainable = kind, num_activations, tuple(trainable)
         first_weight = num_activations + num_constants
 
         def forward(*tensors):
@@ -196,9 +197,13 @@ class BlockwiseSDXLLoss:
             num_constants = 3 if kind == "loss" else 2
             trainable = [i for i, param in enumerate(weights) if param.requires_grad]
             self._units[key] = CompiledUnit(_unit_call(kind, cell, self.loss_cell), num_activations, num_constants,
-                                            trainable)
+                                            trainable, kind)
         self._cell_units[(kind, id(cell))] = (self._units[key], weights)
         return weights
+
+    @property
+    def compiled_units(self) -> List[CompiledUnit]:
+        return list(self._units.values())
 
     @property
     def num_compiled_units(self) -> int:
