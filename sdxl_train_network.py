@@ -43,6 +43,7 @@ class SdxlNetworkTrainer(NetworkTrainer):
         self._encode_moments = ms.jit(models.vae.encode_moments)
         self._latent_rng = np.random.default_rng(args.seed)
         self._sampler = None
+        self._unet_forward = None
         return models
 
     def encode_images(self, models, images: np.ndarray) -> np.ndarray:
@@ -90,8 +91,9 @@ class SdxlNetworkTrainer(NetworkTrainer):
 
         step = BlockwiseTrainStepForSDXLLoRA(loss_cell, optimizer, args.max_grad_norm,
                                              args.gradient_accumulation_steps)
-        logger.info(f"--gradient_checkpointing: the UNet runs as {step.blockwise.num_compiled_units} separately "
-                    "compiled units, each recomputed in the backward pass")
+        self._unet_forward = step.blockwise.predict
+        logger.info(f"--gradient_checkpointing: the UNet runs as {step.blockwise.num_units} units sharing "
+                    f"{step.blockwise.num_compiled_units} compiled structures, each recomputed in the backward pass")
         return step.run
 
     def step_inputs(self, args, batch, latents, targets):
@@ -114,7 +116,7 @@ class SdxlNetworkTrainer(NetworkTrainer):
 
         if self._sampler is None:
             self._sampler = SDXLSampler(models, self.tokenizers, args.max_token_length, args.v_parameterization,
-                                        args.sample_sampler)
+                                        args.sample_sampler, self._unet_forward)
         output_dir = os.path.join(args.output_dir, "sample")
         os.makedirs(output_dir, exist_ok=True)
         for index, prompt in enumerate(load_sample_prompts(args.sample_prompts)):

@@ -151,6 +151,9 @@ def _unit_call(kind: str, cell: nn.Cell, loss_cell: SDXLLoRALoss) -> Callable:
     elif kind == "transformer_out":
         def call(activations, constants, weights):
             return cell.project_out(activations[0], activations[1], weights)
+    elif kind == "head":
+        def call(activations, constants, weights):
+            return cell(activations[0], weights)
     else:
         def call(activations, constants, weights):
             prediction = cell(activations[0], weights)
@@ -166,6 +169,7 @@ class BlockwiseSDXLLoss:
         self._units: Dict[Tuple, CompiledUnit] = {}
         self._cell_units: Dict[Tuple[str, int], Tuple[CompiledUnit, List[Parameter]]] = {}
         self._condition = ms.jit(loss_cell.condition_unet)
+        self._embed = ms.jit(self.unet.embedding)
         covered = set()
         for kind, cell, exclude in self._unit_cells():
             weights = self._register(kind, cell, exclude)
@@ -188,13 +192,14 @@ class BlockwiseSDXLLoss:
                     on_skip = index == 0 and any(block is up for up in unet.output_blocks)
                     yield "layer_on_skip" if on_skip else "layer", layer, ""
         yield "loss", unet.out, ""
+        yield "head", unet.out, ""
 
     def _register(self, kind: str, cell: nn.Cell, exclude: str) -> List[Parameter]:
         weights = bind_weight_slots(cell, exclude)
         key = (kind, self.loss_cell.loss_type, structure_key(cell, exclude))
         if key not in self._units:
             num_activations = {"layer_on_skip": 2, "transformer_out": 2}.get(kind, 1)
-            num_constants = 3 if kind == "loss" else 2
+            num_constants = {"loss": 3, "head": 0}.get(kind, 2)
             trainable = [i for i, param in enumerate(weights) if param.requires_grad]
             self._units[key] = CompiledUnit(_unit_call(kind, cell, self.loss_cell), num_activations, num_constants,
                                             trainable, kind)
@@ -209,8 +214,14 @@ class BlockwiseSDXLLoss:
     def num_compiled_units(self) -> int:
         return len(self._units)
 
-    def _run(self, tape: Tape, kind: str, cell: nn.Cell, activations: Tuple, constants: Tuple) -> Tensor:
+    @property
+    def num_units(self) -> int:
+        return len(self._cell_units)
+
+    def _run(self, tape, kind: str, cell: nn.Cell, activations: Tuple, constants: Tuple) -> Tensor:
         unit, weights = self._cell_units[(kind, id(cell))]
+        if tape is None:
+            return unit.forward(*activations, *constants, *(param.data for param in weights))
         return tape.run(unit, weights, activations, constants)
 
     def _block(self, tape: Tape, block, activations: Tuple, constants: Tuple) -> Tensor:
@@ -227,18 +238,29 @@ class BlockwiseSDXLLoss:
             activations = (x,)
         return activations[0]
 
-    def __call__(self, upstream: Tensor, noisy_latents, target, timesteps, sizes, loss_weights, huber_c,
-                 text_a, text_b, text_c) -> Tuple[Tensor, List[Tensor]]:
-        """The loss and the gradients of upstream * loss."""
-        context, emb = self._condition(timesteps, sizes, text_a, text_b, text_c)
-        constants, tape, skips = (emb, context), Tape(), []
-        h = noisy_latents
+    def _unet_blocks(self, tape, latents: Tensor, constants: Tuple) -> Tensor:
+        """The UNet up to its output head; with a tape, recorded for the backward pass."""
+        h, skips = latents, []
         for block in self.unet.input_blocks:
             h = self._block(tape, block, (h,), constants)
             skips.append(h)
         h = self._block(tape, self.unet.middle_block, (h,), constants)
         for block in self.unet.output_blocks:
             h = self._block(tape, block, (h, skips.pop()), constants)
+        return h
+
+    def predict(self, latents, timesteps, context, y) -> Tensor:
+        """The UNet's output through the same units, forward only: sampling during training compiles no
+        whole-UNet graph (at full size that graph alone would add ~5 GiB)."""
+        h = self._unet_blocks(None, latents, (self._embed(timesteps, y), context))
+        return self._run(None, "head", self.unet.out, (h,), ())
+
+    def __call__(self, upstream: Tensor, noisy_latents, target, timesteps, sizes, loss_weights, huber_c,
+                 text_a, text_b, text_c) -> Tuple[Tensor, List[Tensor]]:
+        """The loss and the gradients of upstream * loss."""
+        context, emb = self._condition(timesteps, sizes, text_a, text_b, text_c)
+        tape = Tape()
+        h = self._unet_blocks(tape, noisy_latents, (emb, context))
         loss = self._run(tape, "loss", self.unet.out, (h,), (target, loss_weights, huber_c))
         weight_grads = tape.backward(loss, upstream)
         return loss, [weight_grads.get(id(param), ops.zeros(param.shape, param.dtype)) for param in self.params]

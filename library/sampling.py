@@ -20,7 +20,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -171,6 +171,7 @@ class SDXLSampler:
         max_token_length: Optional[int] = None,
         v_parameterization: bool = False,
         default_sampler: str = "ddim",
+        unet_forward: Optional[Callable] = None,
     ):
         self.models = models
         self.tokenizer1, self.tokenizer2 = tokenizers
@@ -179,7 +180,8 @@ class SDXLSampler:
         self.default_sampler = check_sampler_name(default_sampler)
         text_encoding = SDXLTextEncoding(models.text_encoder1, models.text_encoder2, chunk_count(max_token_length))
         self._encode_text = ms.jit(text_encoding.construct)
-        self._unet = ms.jit(models.unet.construct)
+        # (latents, timesteps, context, y) -> UNet output; the trainer under --gradient_checkpointing passes its units'
+        self._unet = unet_forward or ms.jit(models.unet.construct)
         self._decode = ms.jit(models.vae.decode)
         self._size_embedding = SizeEmbedding()
 

@@ -9,7 +9,7 @@ from mindspore import Parameter, Tensor, ops
 from library.blockwise import BlockwiseSDXLLoss, structure_key
 from library.errors import UserError
 from library.layers import weight_init
-from library.sdxl_unet import BasicTransformerBlock, SDXLUNet
+from library.sdxl_unet import BasicTransformerBlock, SDXLUNet, SizeEmbedding
 from library.train_step import CachedConditioning, SDXLLoRALoss
 from networks import lora
 from tools.make_tiny_sdxl import TINY_UNET
@@ -48,7 +48,7 @@ def blockwise_and_reference():
     upstream = 0.5
     loss, grads = blockwise(Tensor(upstream, ms.float32), *inputs)
     reference_loss, reference_grads = ops.value_and_grad(loss_cell, None, weights=params)(*inputs)
-    return {"unet": unet, "blockwise": blockwise, "params": params, "upstream": upstream,
+    return {"unet": unet, "blockwise": blockwise, "params": params, "upstream": upstream, "inputs": inputs,
             "loss": loss.asnumpy(), "grads": [g.asnumpy() for g in grads],
             "reference_loss": reference_loss.asnumpy(), "reference_grads": [g.asnumpy() for g in reference_grads]}
 
@@ -61,6 +61,16 @@ def test_unit_gradients_equal_the_whole_model_gradients(blockwise_and_reference)
     for param, grad, reference in zip(run["params"], run["grads"], run["reference_grads"]):
         assert grad.shape == reference.shape == tuple(param.shape)
         np.testing.assert_allclose(grad, run["upstream"] * reference, atol=1e-5 * scale, err_msg=param.name)
+
+
+def test_forward_only_prediction_equals_the_unet(blockwise_and_reference):
+    """predict() (sampling under --gradient_checkpointing) runs the same units without a tape."""
+    run = blockwise_and_reference
+    latents, _, timesteps, sizes, _, _, context, pooled, _ = run["inputs"]
+    y = SizeEmbedding()(pooled, sizes)
+    expected = run["unet"](latents, timesteps, context, y).asnumpy()
+    predicted = run["blockwise"].predict(latents, timesteps, context, y).asnumpy()
+    np.testing.assert_allclose(predicted, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 def test_blocks_of_the_same_structure_share_one_compiled_unit(blockwise_and_reference):

@@ -122,7 +122,11 @@ def test_gradient_checkpointing_trains_the_same_lora(demo_setup):
     """--gradient_checkpointing runs the unit-by-unit step (library/blockwise.py): same files, same weights up to
     float reassociation and the fp16 rounding of the saved values."""
     root, dataset, model = demo_setup
-    train_main(SdxlNetworkTrainer, _args(root, dataset, model, "checkpointed", "--gradient_checkpointing"))
+    prompts = root / "checkpointed_prompts.txt"
+    prompts.write_text("a red circle --w 64 --h 64 --s 2 --d 5\n")
+    train_main(SdxlNetworkTrainer, _args(root, dataset, model, "checkpointed", "--gradient_checkpointing",
+                                         "--sample_prompts", str(prompts), "--sample_every_n_steps", "4"))
+    assert len(os.listdir(root / "checkpointed" / "sample")) == 1  # sampled through the same compiled units
     with open_safetensors(root / "checkpointed" / "lora.safetensors") as a, \
             open_safetensors(root / "full" / "lora.safetensors") as b:
         assert sorted(a.keys()) == sorted(b.keys())
