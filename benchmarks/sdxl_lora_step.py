@@ -33,6 +33,7 @@ from library.layers import HALF_PRECISION_DTYPES, freeze, store_weights_in, weig
 from library.model_configs import sdxl_base_configs  # noqa: E402
 from library.optimizers import create_optimizer  # noqa: E402
 from library.sdxl_unet import SDXLUNet, UNetConfig  # noqa: E402
+from library.text_encoders import build_text_encoder  # noqa: E402
 from library.train_step import CachedConditioning, SDXLLoRALoss, TrainStepForSDXLLoRA  # noqa: E402
 from networks import lora  # noqa: E402
 from tools.make_tiny_sdxl import TINY_UNET  # noqa: E402
@@ -134,14 +135,18 @@ def main(argv=None):
                         help="storage of the frozen UNet weights (--mixed_precision); compute stays fp32")
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="the trainer's unit-by-unit step instead of the whole step as one graph")
+    parser.add_argument("--with_text_encoders", action="store_true",
+                        help="also build both full-size text encoders and keep them resident (as the trainer does)")
     parser.add_argument("--profile_units", action="store_true",
                         help="with --gradient_checkpointing: seconds per step in each kind of unit, forward and backward")
     args = parser.parse_args(argv)
 
-    config = {"tiny": TINY_UNET, "mid": MID_UNET, "full": sdxl_base_configs()[0]}[args.size]
+    full_unet, _, te1, te2 = sdxl_base_configs()
+    config = {"tiny": TINY_UNET, "mid": MID_UNET, "full": full_unet}[args.size]
     start = time.perf_counter()
     with weight_init(seed=0):
         unet = SDXLUNet(config)
+        resident = [build_text_encoder(te1, False), build_text_encoder(te2, True)] if args.with_text_encoders else []
     build_seconds = time.perf_counter() - start
     network = lora.create_network(1.0, args.rank, args.rank / 2, None, [], unet)
     network.apply_to([], unet, apply_text_encoder=False, apply_unet=True)
@@ -184,6 +189,7 @@ def main(argv=None):
     if unit_times is not None:
         print_unit_times(unit_times, args.steps)
     print(f"size={args.size} resolution={args.resolution} mode={mode} base={args.base_dtype} "
+          f"text_encoders={'resident' if resident else 'none'} "
           f"build={build_seconds:.1f}s first_step={times[0]:.1f}s median_step={steady:.2f}s "
           f"peak_rss={peak:.2f}GiB step_gflop={flops / 1e9:.1f} achieved_gflops={flops / 1e9 / steady:.1f}")
 
