@@ -81,6 +81,11 @@ class SdxlNetworkTrainer(NetworkTrainer):
             conditioning = FrozenConditioning(self.text_encoding)
         return SDXLLoRALoss(models.unet, conditioning, args.loss_type)
 
+    def build_forward_loss(self, args, loss_cell):
+        if args.gradient_checkpointing:  # validation through the training units (built just before): no UNet graph
+            return self._blockwise_loss
+        return super().build_forward_loss(args, loss_cell)
+
     def build_train_step(self, args, loss_cell, optimizer):
         if not args.gradient_checkpointing:
             return super().build_train_step(args, loss_cell, optimizer)
@@ -91,7 +96,7 @@ class SdxlNetworkTrainer(NetworkTrainer):
 
         step = BlockwiseTrainStepForSDXLLoRA(loss_cell, optimizer, args.max_grad_norm,
                                              args.gradient_accumulation_steps)
-        self._unet_forward = step.blockwise.predict
+        self._unet_forward, self._blockwise_loss = step.blockwise.predict, step.blockwise.loss
         logger.info(f"--gradient_checkpointing: the UNet runs as {step.blockwise.num_units} units sharing "
                     f"{step.blockwise.num_compiled_units} compiled structures, each recomputed in the backward pass")
         return step.run

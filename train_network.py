@@ -123,7 +123,7 @@ class NetworkTrainer:
         loss_cell = self.build_loss_cell(args, models, train_text_encoder)
         step_cell = self.build_train_step(args, loss_cell, optimizer)
         self.loss_cell = loss_cell
-        self.forward_loss = loss_cell if args.pynative else ms.jit(loss_cell.construct)
+        self.forward_loss = self.build_forward_loss(args, loss_cell)
 
         state = TrainState(rng_state=np.random.default_rng(args.seed).bit_generator.state)
         if args.resume:
@@ -164,6 +164,10 @@ class NetworkTrainer:
             for _, param in cell.parameters_and_names():
                 param.requires_grad = id(param) in adapter
         return network
+
+    def build_forward_loss(self, args, loss_cell):
+        """(step inputs) -> loss without gradients, for validation."""
+        return loss_cell if args.pynative else ms.jit(loss_cell.construct)
 
     def build_train_step(self, args, loss_cell, optimizer):
         from library.train_step import TrainStepForSDXLLoRA

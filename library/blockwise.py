@@ -255,6 +255,12 @@ class BlockwiseSDXLLoss:
         h = self._unet_blocks(None, latents, (self._embed(timesteps, y), context))
         return self._run(None, "head", self.unet.out, (h,), ())
 
+    def loss(self, noisy_latents, target, timesteps, sizes, loss_weights, huber_c, text_a, text_b, text_c) -> Tensor:
+        """The loss alone through the same units, forward only (validation)."""
+        context, emb = self._condition(timesteps, sizes, text_a, text_b, text_c)
+        h = self._unet_blocks(None, noisy_latents, (emb, context))
+        return self._run(None, "loss", self.unet.out, (h,), (target, loss_weights, huber_c))
+
     def __call__(self, upstream: Tensor, noisy_latents, target, timesteps, sizes, loss_weights, huber_c,
                  text_a, text_b, text_c) -> Tuple[Tensor, List[Tensor]]:
         """The loss and the gradients of upstream * loss."""

@@ -71,6 +71,8 @@ def test_forward_only_prediction_equals_the_unet(blockwise_and_reference):
     expected = run["unet"](latents, timesteps, context, y).asnumpy()
     predicted = run["blockwise"].predict(latents, timesteps, context, y).asnumpy()
     np.testing.assert_allclose(predicted, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    # and the validation loss, forward only
+    np.testing.assert_allclose(run["blockwise"].loss(*run["inputs"]).asnumpy(), run["reference_loss"], rtol=1e-6)
 
 
 def test_blocks_of_the_same_structure_share_one_compiled_unit(blockwise_and_reference):
