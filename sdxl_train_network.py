@@ -12,6 +12,7 @@ import numpy as np
 
 import mindspore as ms
 
+from library.distributed import barrier, main_rank_only
 from library.errors import UserError
 from library.layers import HALF_PRECISION_DTYPES, store_weights_in
 from library.model_loading import load_sdxl
@@ -70,7 +71,9 @@ class SdxlNetworkTrainer(NetworkTrainer):
             return context[..., :width1], context[..., width1:], pooled.asnumpy()
 
         cache_text_encoder_outputs(dataset_group, encode_fn, to_disk=args.cache_text_encoder_outputs_to_disk,
-                                   skip_cache_check=args.skip_cache_check)
+                                   skip_cache_check=args.skip_cache_check, rank=self.world.rank,
+                                   world_size=self.world.size)
+        barrier(self.world)
 
     def build_loss_cell(self, args, models, train_text_encoder):
         if args.cache_text_encoder_outputs:
@@ -113,6 +116,7 @@ class SdxlNetworkTrainer(NetworkTrainer):
                 ms.Tensor(sizes.astype(np.float32)), ms.Tensor(targets.loss_weights), ms.Tensor(targets.huber_c),
                 *text)
 
+    @main_rank_only
     def sample_images(self, args, models, epoch, step):
         if not args.sample_prompts:
             return

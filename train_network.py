@@ -21,6 +21,8 @@ from tqdm import tqdm
 
 from library import train_args
 from library.diffusion import DiffusionTrainingMath, NoiseSettings
+from library.distributed import (World, agree_on_seed, all_reduce_sum, barrier, check_ranks_agree, init_data_parallel,
+                                 main_rank_only, shard_targets)
 from library.errors import UserError, exit_on_user_error
 from library.lr_schedulers import create_lr_scheduler
 from library.optimizers import create_optimizer_from_args
@@ -56,6 +58,7 @@ class TrainState:
 class NetworkTrainer:
     vae_scale_factor = 1.0
     last_validation_loss: Optional[float] = None  # shown on the progress bar once there is one
+    world = World()  # this process's place under msrun data parallelism (library/distributed.py)
 
     # ---- hooks ----------------------------------------------------------------------------------
 
@@ -86,17 +89,23 @@ class NetworkTrainer:
     # ---- the run --------------------------------------------------------------------------------
 
     def train(self, args):
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        self.world = init_data_parallel()
+        # under msrun every rank prints to its own log; rank 0 speaks for the run
+        logging.basicConfig(level=logging.INFO if self.world.is_main else logging.WARNING, format="%(message)s")
         session_id = random.randint(0, 2**32)
         training_started_at = time.time()
         if args.seed is None:
-            args.seed = random.randint(0, 2**32 - 1)
+            args.seed = agree_on_seed(self.world, random.randint(0, 2**32 - 1))
         np.random.seed(args.seed % 2**32)
         ms.set_seed(args.seed % 2**31)
 
         check_logging_args(args)
         dataset_group = build_dataset_group(args, sdxl=True)
         check_validation_args(args, dataset_group.validation)
+        if self.world.is_distributed:
+            dataset_group.shard(self.world.rank, self.world.size)
+            logger.info(f"data parallel: {self.world.size} ranks, each with its own batches; a step's batch is "
+                        f"{self.world.size} x the configured batch size")
 
         models = self.load_target_model(args)
         for group in filter(None, (dataset_group, dataset_group.validation)):
@@ -105,7 +114,7 @@ class NetworkTrainer:
 
         train_unet = not args.network_train_text_encoder_only
         train_text_encoder = not args.network_train_unet_only
-        network = self.create_network(args, models, train_unet, train_text_encoder)
+        network = self.network = self.create_network(args, models, train_unet, train_text_encoder)
 
         # the descriptions ("textencoder", "unet", "unet plus") name the logged learning rates, as sd-scripts
         optimizer_groups, self.lr_descriptions = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr,
@@ -118,7 +127,7 @@ class NetworkTrainer:
             args.max_train_steps = args.max_train_epochs * steps_per_epoch
         num_epochs = -(-args.max_train_steps // steps_per_epoch)
         dataset_group.set_max_train_steps(args.max_train_steps, args.gradient_accumulation_steps)
-        scheduler = create_lr_scheduler(args, optimizer)
+        scheduler = create_lr_scheduler(args, optimizer, self.world.size)
 
         loss_cell = self.build_loss_cell(args, models, train_text_encoder)
         step_cell = self.build_train_step(args, loss_cell, optimizer)
@@ -143,7 +152,8 @@ class NetworkTrainer:
 
         cache_latents(dataset_group, lambda images: self.encode_images(models, images),
                       vae_batch_size=args.vae_batch_size, to_disk=args.cache_latents_to_disk,
-                      skip_cache_check=args.skip_cache_check)
+                      skip_cache_check=args.skip_cache_check, rank=self.world.rank, world_size=self.world.size)
+        barrier(self.world)  # every rank's share of the cache files is written before anyone reads them
 
     def create_network(self, args, models, train_unet, train_text_encoder):
         kwargs = {}
@@ -185,8 +195,9 @@ class NetworkTrainer:
         rng.bit_generator.state = state.rng_state
         interrupted = {"flag": False}
         previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.update(flag=True))
-        training_log = TrainingLog.from_args(args)
-        progress = tqdm(total=args.max_train_steps, initial=state.global_step, smoothing=0, desc="steps")
+        training_log = TrainingLog.from_args(args) if self.world.is_main else None
+        progress = tqdm(total=args.max_train_steps, initial=state.global_step, smoothing=0, desc="steps",
+                        disable=not self.world.is_main)
         loss_recorder = LossRecorder()
         micro_step = state.batch_in_epoch % args.gradient_accumulation_steps
         if state.global_step == 0 and args.sample_at_first:
@@ -197,7 +208,9 @@ class NetworkTrainer:
                     if micro_step == 0:
                         scheduler.apply(state.global_step)
                     latents = batch.latents if batch.latents is not None else self.encode_images(models, batch.images)
-                    targets = math.prepare(latents * self.vae_scale_factor, batch.loss_weights, rng)
+                    targets = shard_targets(math, latents * self.vae_scale_factor, batch.loss_weights, rng,
+                                            batch.peer_latent_sizes, self.world.rank,
+                                            lambda values: all_reduce_sum(self.world, values))
                     start = time.perf_counter()
                     loss, _ = step_cell(*self.step_inputs(args, batch, latents, targets))
                     loss = float(loss.asnumpy())
@@ -257,6 +270,7 @@ class NetworkTrainer:
             if training_log:
                 training_log.close()
         progress.close()
+        check_ranks_agree(self.world, [param.asnumpy() for param in network.adapter_params()])
         path = self.save_model(args, network, metadata, state, args.output_name)
         if args.save_state or args.save_state_on_train_end:
             self.save_state(args, network, optimizer, state, f"{args.output_name}-state")
@@ -279,10 +293,12 @@ class NetworkTrainer:
 
     # ---- validation -----------------------------------------------------------------------------
 
+    @main_rank_only
     def validate_and_log(self, args, models, validation_group, training_log, progress, loss_recorder, kind, at,
                          state):
         """sd-scripts' step or epoch validation: loss/validation/<kind>_average and _divergence (minus the
-        training loss average), logged at the global step or the epoch, and shown on the progress bar."""
+        training loss average), logged at the global step or the epoch, and shown on the progress bar.
+        Rank 0's alone under data parallelism (every rank would compute the same number)."""
         loss = self.validation_loss(args, models, validation_group)
         self.last_validation_loss = loss
         progress.set_postfix(val_loss=f"{loss:.4f}")
@@ -318,14 +334,16 @@ class NetworkTrainer:
 
     # ---- saving and resuming --------------------------------------------------------------------
 
+    @main_rank_only
     def save_model(self, args, network, metadata, state, name) -> str:
-        os.makedirs(args.output_dir, exist_ok=True)
         path = os.path.join(args.output_dir, f"{name}.safetensors")
+        os.makedirs(args.output_dir, exist_ok=True)
         metadata = dict(metadata, ss_training_finished_at=time.time(), ss_steps=state.global_step,
                         ss_epoch=state.epoch if state.batch_in_epoch else state.epoch - 1)
         network.save_weights(path, _save_dtype(args.save_precision), metadata, args.no_metadata)
         return path
 
+    @main_rank_only
     def save_checkpoint(self, args, network, optimizer, state, metadata, epoch_name=None, step_name=False):
         if step_name:
             name = f"{args.output_name}-step{state.global_step:08d}"
@@ -345,6 +363,7 @@ class NetworkTrainer:
                     os.remove(stale)
                 shutil.rmtree(os.path.join(args.output_dir, old_name + "-state"), ignore_errors=True)
 
+    @main_rank_only
     def save_state(self, args, network, optimizer, state, folder_name):
         """LoRA weights, optimizer state and the train state, written to a temporary folder then renamed."""
         final = os.path.join(args.output_dir, folder_name)

@@ -79,6 +79,13 @@ class DiffusionTrainingMath:
         with np.errstate(divide="ignore"):
             self.all_snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
 
+    @property
+    def rows_are_coupled(self) -> bool:
+        """Whether one row's noise depends on another row's latents: the multires noise is normalised by
+        the std of the whole batch's noise, which holds each row's adaptive (latent-dependent) offset."""
+        s = self.settings
+        return bool(s.multires_noise_iterations and s.noise_offset and s.adaptive_noise_scale is not None)
+
     def sample_noise(self, latents: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         s = self.settings
         noise = rng.standard_normal(latents.shape).astype(np.float32)

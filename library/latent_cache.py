@@ -65,8 +65,12 @@ def text_encoder_outputs_npz_path(image_path: str) -> str:
 # ---- latents ----
 
 
-def cache_latents(group, encode_fn: Callable, vae_batch_size: int = 1, to_disk: bool = False, skip_cache_check: bool = False):
-    """Encode every image of the group once; in memory, or into .npz files (reusing valid ones)."""
+def cache_latents(group, encode_fn: Callable, vae_batch_size: int = 1, to_disk: bool = False, skip_cache_check: bool = False,
+                  rank: int = 0, world_size: int = 1):
+    """Encode every image of the group once; in memory, or into .npz files (reusing valid ones).
+
+    With `world_size` ranks and `to_disk`, rank r checks and encodes the files whose index is r mod
+    world_size (the caller waits for every rank before reading them); in memory, each rank needs them all."""
     to_encode, users_of_file = [], {}
     for _, item in group.image_items():
         if not to_disk:
@@ -78,6 +82,8 @@ def cache_latents(group, encode_fn: Callable, vae_batch_size: int = 1, to_disk: 
             users_of_file[path].append(item)
             continue
         users_of_file[path] = [item]
+        if (len(users_of_file) - 1) % world_size != rank:  # another rank's file
+            continue
         problem = latents_cache_problem(path, item, skip_cache_check)
         if problem is None:
             continue
@@ -85,7 +91,9 @@ def cache_latents(group, encode_fn: Callable, vae_batch_size: int = 1, to_disk: 
             logger.info("rebuilding %s: %s", path, problem)
         to_encode.append(item)
     if to_disk:
-        logger.info("latents: %d cache files reused, %d to encode", len(users_of_file) - len(to_encode), len(to_encode))
+        mine = -(-(len(users_of_file) - rank) // world_size)
+        logger.info("latents: %d cache files reused, %d to encode%s", mine - len(to_encode), len(to_encode),
+                    f" (rank {rank}'s share of {len(users_of_file)})" if world_size > 1 else "")
 
     batches = latent_batches(to_encode, vae_batch_size)
     with ThreadPoolExecutor(1, thread_name_prefix="cache-load") as loader:  # load the next batch while encoding
@@ -228,9 +236,11 @@ def latents_cache_problem(path: str, item, skip_cache_check: bool) -> Optional[s
 
 
 def cache_text_encoder_outputs(
-    group, encode_fn: Callable, to_disk: bool = False, skip_cache_check: bool = False, batch_size: Optional[int] = None
+    group, encode_fn: Callable, to_disk: bool = False, skip_cache_check: bool = False, batch_size: Optional[int] = None,
+    rank: int = 0, world_size: int = 1,
 ):
-    """Encode every image's caption once (batches of `batch_size`, default: each dataset's)."""
+    """Encode every image's caption once (batches of `batch_size`, default: each dataset's); files are
+    split across ranks as in `cache_latents`."""
     to_encode = []  # (batch size, item, caption)
     caption_of_file: Dict[str, str] = {}
     shapes = []  # per-image output shapes of this encoder, measured once if a file must be checked
@@ -246,6 +256,8 @@ def cache_text_encoder_outputs(
                     )
                 continue
             caption_of_file[path] = caption
+            if (len(caption_of_file) - 1) % world_size != rank:  # another rank's file
+                continue
             if os.path.exists(path) and skip_cache_check:
                 continue
             if os.path.exists(path):

@@ -15,6 +15,7 @@ buckets exactly as sd-scripts, balances regularization repeats as sd-scripts and
   `num_batches_per_epoch`, `seed`, `datasets`.
 - `batches_for_epoch(epoch) -> list[BatchRef]`: the epoch's batch order, a pure function of
   (seed, epoch), so a resumed run rebuilds it exactly. Each BatchRef lists its bucket's images.
+- `shard(rank, world_size)`: data parallelism; from then on the batch order and count are this rank's.
 - `load_batch(ref, epoch) -> Batch`: flips, random crops, colour augmentation and caption
   randomness come from a generator seeded by (seed, epoch, dataset, image slot): pure as well.
 - `iter_epoch(epoch, start_batch=0, num_workers=None)`: yields the epoch's Batches in order while
@@ -56,7 +57,7 @@ from library.images import (
     sdxl_size_condition,
     to_model_input,
 )
-from library.latent_cache import CachedLatents, load_latents_npz, load_text_encoder_outputs_npz
+from library.latent_cache import LATENT_STRIDE, CachedLatents, load_latents_npz, load_text_encoder_outputs_npz
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +92,11 @@ class Bucket:
 
 
 class BatchRef(NamedTuple):
-    position: int  # index in the epoch's batch order
+    position: int  # index in the epoch's batch order (this rank's order under data parallelism)
     dataset_index: int
     bucket_index: int
     slots: Tuple[int, ...]
+    peer_latent_sizes: Optional[Tuple[Tuple[int, int, int], ...]] = None  # data parallel: every rank's (B, h, w)
 
 
 @dataclass
@@ -113,6 +115,7 @@ class Batch:
     text_encoder_outputs: Optional[Tuple[np.ndarray, ...]] = None  # stacked cached outputs
     custom_attributes: List[dict] = field(default_factory=list)
     image_paths: List[str] = field(default_factory=list)
+    peer_latent_sizes: Optional[Tuple[Tuple[int, int, int], ...]] = None  # data parallel: every rank's (B, h, w)
 
 
 class TrainDataset:
@@ -237,10 +240,21 @@ class DatasetGroup:
         self._executor: Optional[ThreadPoolExecutor] = None
         self._epoch_orders: Dict[int, Tuple[BatchRef, ...]] = {}
         self.validation: Optional["DatasetGroup"] = None  # the held-out images of validation_split
+        self.rank, self.world_size = 0, 1
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Data parallelism: step k of an epoch takes the batches k*W .. k*W+W-1 of the epoch order, one per
+        rank; an epoch that does not divide evenly is topped up from its first batches (as accelerate's
+        even_batches), so every rank runs the same number of steps."""
+        self.rank, self.world_size = rank, world_size
+        self._epoch_orders = {}
+        if "ss_num_batches_per_epoch" in self._metadata:  # sd-scripts records the per-process count
+            self._metadata["ss_num_batches_per_epoch"] = self.num_batches_per_epoch
 
     @property
     def num_batches_per_epoch(self) -> int:
-        return sum(d.num_batches for d in self.datasets)
+        """This rank's batches per epoch (all of them in a single process), as sd-scripts counts them."""
+        return -(-sum(d.num_batches for d in self.datasets) // self.world_size)
 
     def set_max_train_steps(self, max_train_steps: int, gradient_accumulation_steps: int = 1) -> None:
         """Token warmup needs the total steps (for a fractional token_warmup_step) and the optimizer
@@ -255,11 +269,27 @@ class DatasetGroup:
                 yield dataset, item
 
     def batches_for_epoch(self, epoch: int) -> List[BatchRef]:
+        """This rank's batches of the epoch, in order (all of them in a single process)."""
         if epoch < 1:
             raise ValueError(f"epochs count from 1, as in sd-scripts (caption_dropout_every_n_epochs depends on it), got {epoch}")
         if epoch not in self._epoch_orders:
-            self._epoch_orders = {epoch: self._epoch_order(epoch)}  # keep only the current epoch's
+            order = self._epoch_order(epoch)
+            if self.world_size > 1:
+                order = self._rank_share(order)
+            self._epoch_orders = {epoch: order}  # keep only the current epoch's
         return list(self._epoch_orders[epoch])
+
+    def _rank_share(self, order: Tuple[BatchRef, ...]) -> Tuple[BatchRef, ...]:
+        share = []
+        for step in range(self.num_batches_per_epoch):
+            peers = [order[(step * self.world_size + rank) % len(order)] for rank in range(self.world_size)]
+            sizes = tuple(self._latent_size(ref) for ref in peers)
+            share.append(peers[self.rank]._replace(position=step, peer_latent_sizes=sizes))
+        return tuple(share)
+
+    def _latent_size(self, ref: BatchRef) -> Tuple[int, int, int]:
+        width, height = self.datasets[ref.dataset_index].buckets[ref.bucket_index].reso
+        return len(ref.slots), height // LATENT_STRIDE, width // LATENT_STRIDE
 
     def _epoch_order(self, epoch: int) -> Tuple[BatchRef, ...]:
         # shuffle slots within each bucket, cut into batches, then shuffle the batches of all datasets
@@ -281,7 +311,9 @@ class DatasetGroup:
         batches_done = (epoch - 1) * self.num_batches_per_epoch + ref.position
         step = batches_done // self.gradient_accumulation_steps
         rows = [self._load_row(dataset, slot, epoch, step) for slot in ref.slots]
-        return stack_rows(rows, dataset.config.prior_loss_weight)
+        batch = stack_rows(rows, dataset.config.prior_loss_weight)
+        batch.peer_latent_sizes = ref.peer_latent_sizes
+        return batch
 
     def iter_epoch(self, epoch: int, start_batch: int = 0, num_workers: Optional[int] = None):
         """Yield the epoch's batches from `start_batch` on, in order, loading ahead in threads

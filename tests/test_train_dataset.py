@@ -443,3 +443,28 @@ def test_persistent_workers_are_reused_across_epochs(mixed_dataset):
     assert threads_by_epoch[2] <= threads_by_epoch[1]
     group.close()
     assert not any(thread.is_alive() for thread in threads_by_epoch[1])
+
+
+def test_shards_split_each_step_between_ranks_and_top_up_the_last(mixed_dataset):
+    whole = build_dataset_group(mixed_dataset)
+    order = whole.batches_for_epoch(2)
+    assert len(order) % 2 == 1, "the fixture should leave an odd batch count, to exercise the top-up"
+    shards = []
+    for rank in (0, 1):
+        group = build_dataset_group(mixed_dataset)
+        group.shard(rank, 2)
+        assert group.num_batches_per_epoch == (len(order) + 1) // 2 == group.metadata()["ss_num_batches_per_epoch"]
+        shards.append(group.batches_for_epoch(2))
+    for step, (mine, other) in enumerate(zip(*shards)):
+        assert mine.position == other.position == step
+        assert mine.peer_latent_sizes == other.peer_latent_sizes and len(mine.peer_latent_sizes) == 2
+        expected = [order[(2 * step + rank) % len(order)] for rank in (0, 1)]
+        assert [(ref.dataset_index, ref.bucket_index, ref.slots) for ref in (mine, other)] == [
+            (ref.dataset_index, ref.bucket_index, ref.slots) for ref in expected]
+        for ref, size in zip(expected, mine.peer_latent_sizes):
+            width, height = whole.datasets[ref.dataset_index].buckets[ref.bucket_index].reso
+            assert size == (len(ref.slots), height // 8, width // 8)
+    assert (shards[1][-1].dataset_index, shards[1][-1].slots) == (order[0].dataset_index, order[0].slots)
+    group = build_dataset_group(mixed_dataset)
+    group.shard(1, 2)
+    assert group.load_batch(shards[1][0], 2).peer_latent_sizes == shards[1][0].peer_latent_sizes
