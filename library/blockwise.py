@@ -8,8 +8,10 @@ arguments (library/layers.py, `weights`), so the 70 transformer blocks of SDXL c
 times. Only the unit inputs are kept from forward to backward; each backward recomputes its unit's
 forward, as gradient checkpointing does.
 
-The accumulation, clipping and optimizer update after the gradients are mindone's TrainStep's, in one
-compiled graph.
+The accumulation, clipping and optimizer update after the gradients are mindone's TrainStep's: the
+accumulation and clipping in one compiled graph, the optimizer update in parts of a few hundred
+parameters, each its own graph (library/optimizers.py, `OptimizerPart`: one graph over all 1444 tensors of
+a full-size LoRA compiles more than twice as slowly).
 """
 
 from typing import Callable, Dict, List, Sequence, Tuple
@@ -19,12 +21,15 @@ from mindspore import Parameter, Tensor, mint, nn, ops
 
 from library.errors import UserError
 from library.layers import WeightedCell
+from library.optimizers import split_update
 from library.sdxl_unet import SpatialTransformer
 from library.train_step import SDXLLoRALoss, TrainStepForSDXLLoRA
 
 # Attributes every Cell carries for MindSpore's own bookkeeping; they say nothing about a cell's computation.
 _CELL_INTERNALS = frozenset(vars(nn.Cell())) - {"training"}
 _STATIC_TYPES = (bool, int, float, type(None))
+# Parameters per compiled optimizer-update graph: ~180 compiled fastest over a full-size LoRA's 1444 tensors.
+MAX_PARAMETERS_PER_UPDATE = 192
 
 
 def _owned_cells(cell: nn.Cell, exclude: str = "") -> List[nn.Cell]:
@@ -275,27 +280,39 @@ class BlockwiseSDXLLoss:
 class BlockwiseTrainStepForSDXLLoRA(TrainStepForSDXLLoRA):
     """TrainStepForSDXLLoRA whose gradients come from BlockwiseSDXLLoss; call `run(*step inputs)`.
 
-    Not compiled as a whole: `run` drives the compiled units, then `apply_gradients`, compiled once."""
+    Not compiled as a whole: `run` drives the compiled units, then the graphs of what mindone's
+    TrainStep.construct does after the backward pass (it has no method for that part): accumulation,
+    all-reduce, clipping; the optimizer update, part by part; the end of the step."""
 
-    def __init__(self, loss_cell: SDXLLoRALoss, optimizer, max_grad_norm=None, gradient_accumulation_steps=1):
+    def __init__(self, loss_cell: SDXLLoRALoss, optimizer, max_grad_norm=None, gradient_accumulation_steps=1,
+                 max_parameters_per_update=MAX_PARAMETERS_PER_UPDATE):
         super().__init__(loss_cell, optimizer, max_grad_norm, gradient_accumulation_steps)
         self.set_train(True)  # before the units are keyed: the training mode is part of their structure
         self.blockwise = BlockwiseSDXLLoss(loss_cell, self.parameters)
         self._upstream = self.scale_loss(Tensor(1.0, ms.float32))
-        self._apply_gradients = ms.jit(self.apply_gradients)
+        self._prepare_gradients = ms.jit(self.prepare_gradients)
+        self.update_parts = [(part.first, part.last, ms.jit(part.construct))
+                             for part in split_update(optimizer, max_parameters_per_update)]
+        self._finish_step = ms.jit(self.finish_step)
 
-    def apply_gradients(self, loss, *grads):
-        """The part of mindone's TrainStep.construct after the backward pass, which it has no method for."""
+    def prepare_gradients(self, *grads):
+        """-> (whether the optimizer steps now, the gradients to step with): accumulated (and averaged over
+        ranks under data parallelism), then, on a step's last micro-batch, unscaled and clipped."""
         grads = self.grad_accumulator.step(grads)
         if self.sync_gradients:
             grads = self.grad_scaler.unscale(grads)
             grads = self.grad_clipper.clip_grad_norm(grads)
-            self.grad_scaler.step(self.optimizer, grads)
-            self.grad_scaler.update()
-            self.grad_accumulator.zero_grad()
-        return loss
+        return self.sync_gradients, grads
+
+    def finish_step(self):
+        self.grad_scaler.update()
+        return self.grad_accumulator.zero_grad()
 
     def run(self, *inputs):
         loss, grads = self.blockwise(self._upstream, *inputs)
-        loss = self._apply_gradients(loss, *grads)
+        step_now, grads = self._prepare_gradients(*grads)
+        if step_now:  # no loss scaler here, so a step is never skipped for overflow
+            for first, last, update in self.update_parts:
+                update(*grads[first:last])
+            self._finish_step()
         return loss, loss

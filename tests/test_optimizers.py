@@ -15,6 +15,7 @@ from library.optimizers import (
     create_optimizer,
     create_optimizer_from_args,
     parse_literal_args,
+    split_update,
 )
 
 SHAPES = {"matrix": (3, 4), "bias": (4,), "conv": (2, 3, 2, 2)}
@@ -322,6 +323,51 @@ def test_optimizer_inside_mindone_train_step_in_graph_mode():
     assert [param.name for param in optimizer.parameters] == [f"model.{name}" for name in SHAPES]
     assert [param.name for param in optimizer.exp_avg] == [f"exp_avg.{name}" for name in SHAPES]
     assert_updates_match(model, initial, adamw_reference(initial, steps))
+
+
+def test_an_update_split_into_parts_equals_the_whole_update():
+    """The --gradient_checkpointing step runs the update in parts, each its own graph: same weights, same state,
+    and the step is counted once per step, not once per part."""
+    names = list(SHAPES)
+    finals = {}
+    for max_per_part in (len(names), 1):
+        model = Toy()
+        optimizer = AdamW(model.groups())
+        parts = [(part.first, part.last, ms.jit(part.construct)) for part in split_update(optimizer, max_per_part)]
+        assert len(parts) == (1 if max_per_part == len(names) else 3)
+        for grads, lrs in zip(gradient_steps(3), GROUP_LRS):
+            optimizer.set_learning_rates(lrs)
+            for first, last, update in parts:
+                update(*(Tensor(grads[name]) for name in names[first:last]))
+        assert int(optimizer.step_count.asnumpy()) == 3
+        finals[max_per_part] = [p.asnumpy() for p in (*optimizer.parameters, *optimizer.exp_avg, *optimizer.exp_avg_sq)]
+    for whole, split in zip(finals[len(names)], finals[1]):
+        np.testing.assert_array_equal(whole, split)
+
+
+@pytest.mark.parametrize("make_optimizer", [lambda groups: Lion(groups, lr=1e-2, weight_decay=0.1),
+                                            lambda groups: SGDNesterov(groups, lr=1e-2, weight_decay=0.1),
+                                            lambda groups: Adafactor(groups)], ids=["Lion", "SGDNesterov", "Adafactor"])
+def test_per_parameter_optimizers_split_like_adamw(make_optimizer):
+    names = list(SHAPES)
+    results = []
+    for max_per_part in (len(names), 2):
+        model = Toy()
+        parts = split_update(make_optimizer(model.groups_without_lr()), max_per_part)
+        assert len(parts) == (1 if max_per_part == len(names) else 2)
+        for grads in gradient_steps(3):
+            for part in parts:
+                part(*(Tensor(grads[name]) for name in names[part.first:part.last]))
+        results.append(model.weights())
+    for name in names:
+        np.testing.assert_allclose(results[1][name], results[0][name], rtol=1e-6, atol=1e-7)
+        assert not np.allclose(results[1][name], Toy().weights()[name])
+
+
+def test_prodigy_is_never_split():
+    """Prodigy's step size is estimated from every gradient at once."""
+    optimizer = Prodigy(Toy().groups_without_lr())
+    assert [(part.first, part.last) for part in split_update(optimizer, 1)] == [(0, len(SHAPES))]
 
 
 OPTIMIZER_FACTORIES = {
