@@ -1,8 +1,8 @@
 """The optimizers sd-scripts offers through --optimizer_type, as MindSpore cells.
 
 An optimizer here is a Cell whose `construct(grads)` updates `optimizer.parameters` in place, `grads` being a tuple
-in the same order; `update(grads, first, last, starts_step)` updates a slice of them, so that a step can run as
-several smaller compiled graphs (`split_update`). It runs eagerly or inside a compiled graph (mindone's TrainStep calls it there). Each parameter
+in the same order; `update` can also update a slice of them, so that a step can run as several smaller compiled
+graphs (`split_update`). It runs eagerly or inside a compiled graph (mindone's TrainStep calls it there). Each parameter
 group (U-Net, text encoder, LoRA+ ...) has its own learning rate, kept in a scalar Parameter that the host sets
 before every optimizer step, because sd-scripts steps its schedulers on the host once per optimizer step.
 
@@ -58,11 +58,16 @@ class GroupedOptimizer(nn.Cell):
         self.hyper_map = ops.HyperMap()
 
     def construct(self, grads):
-        return self.update(grads, 0, len(self.parameters), True)
+        return self.update(grads, self.parameters, self.param_lrs, self.per_parameter_state(), True)
 
-    def update(self, grads, first, last, starts_step):
-        """Update parameters [first, last) from their `grads`; `starts_step`: this call is the optimizer step's
-        first (it counts the step), later calls of the same step update the other parameters."""
+    def per_parameter_state(self):
+        """The state tuples holding one entry per parameter, in the order `update` takes them."""
+        raise NotImplementedError
+
+    def update(self, grads, params, lrs, states, starts_step):
+        """Update `params` (all of the optimizer's, or a slice) from their `grads`, with their learning-rate
+        Parameters `lrs` and `states` (`per_parameter_state()` sliced alike); `starts_step`: this call is the
+        optimizer step's first (it counts the step), later calls of the step update the other parameters."""
         raise NotImplementedError
 
     def update_parameters_name(self, prefix="", recurse=True):
@@ -158,7 +163,10 @@ class AdamW(GroupedOptimizer):
         self.exp_avg = ParameterTuple(self._zeros_like_parameters("exp_avg"))
         self.exp_avg_sq = ParameterTuple(self._zeros_like_parameters("exp_avg_sq"))
 
-    def update(self, grads, first, last, starts_step):
+    def per_parameter_state(self):
+        return self.exp_avg, self.exp_avg_sq
+
+    def update(self, grads, params, lrs, states, starts_step):
         step = self._advance_step(starts_step)
         bias_correction1 = _one_minus_power(self.log_beta1, step)
         bias_correction2_sqrt = ops.sqrt(_one_minus_power(self.log_beta2, step))
@@ -171,8 +179,8 @@ class AdamW(GroupedOptimizer):
             bias_correction1,
             bias_correction2_sqrt,
         )
-        return self.hyper_map(update, self.param_lrs[first:last], self.parameters[first:last], grads,
-                              self.exp_avg[first:last], self.exp_avg_sq[first:last])
+        exp_avg, exp_avg_sq = states
+        return self.hyper_map(update, lrs, params, grads, exp_avg, exp_avg_sq)
 
 
 _lion_update = ops.MultitypeFuncGraph("lion_update")
@@ -204,11 +212,13 @@ class Lion(GroupedOptimizer):
         self.weight_decay = float(weight_decay) / lr if decoupled_weight_decay else float(weight_decay)
         self.exp_avg = ParameterTuple(self._zeros_like_parameters("exp_avg"))
 
-    def update(self, grads, first, last, starts_step):
+    def per_parameter_state(self):
+        return (self.exp_avg,)
+
+    def update(self, grads, params, lrs, states, starts_step):
         self._advance_step(starts_step)
         update = ops.partial(_lion_update, self.beta1, self.beta2, self.weight_decay)
-        return self.hyper_map(update, self.param_lrs[first:last], self.parameters[first:last], grads,
-                              self.exp_avg[first:last])
+        return self.hyper_map(update, lrs, params, grads, states[0])
 
 
 _sgd_nesterov_update = ops.MultitypeFuncGraph("sgd_nesterov_update")
@@ -242,11 +252,13 @@ class SGDNesterov(GroupedOptimizer):
         self.weight_decay = float(weight_decay)
         self.momentum_buffer = ParameterTuple(self._zeros_like_parameters("momentum_buffer"))
 
-    def update(self, grads, first, last, starts_step):
+    def per_parameter_state(self):
+        return (self.momentum_buffer,)
+
+    def update(self, grads, params, lrs, states, starts_step):
         self._advance_step(starts_step)
         update = ops.partial(_sgd_nesterov_update, self.momentum, self.weight_decay)
-        return self.hyper_map(update, self.param_lrs[first:last], self.parameters[first:last], grads,
-                              self.momentum_buffer[first:last])
+        return self.hyper_map(update, lrs, params, grads, states[0])
 
 
 _adafactor_update = ops.MultitypeFuncGraph("adafactor_update")
@@ -355,7 +367,10 @@ class Adafactor(GroupedOptimizer):
             for name, state_shape in state
         )
 
-    def update(self, grads, first, last, starts_step):
+    def per_parameter_state(self):
+        return (self.param_states,)
+
+    def update(self, grads, params, lrs, states, starts_step):
         step = self._advance_step(starts_step)
         beta2t = 1.0 - ops.pow(step, self.decay_rate)
         min_step = 1e-6 * step if self.warmup_init else 1e-2
@@ -374,8 +389,7 @@ class Adafactor(GroupedOptimizer):
             beta2t,
             relative_step_size,
         )
-        return self.hyper_map(update, self.param_lrs[first:last], self.parameters[first:last], grads,
-                              self.param_states[first:last])
+        return self.hyper_map(update, lrs, params, grads, states[0])
 
     def _record_group_lrs(self, relative_step_size):
         """With relative_step the group lrs are not inputs; they receive the learning rate each group's first
@@ -509,8 +523,12 @@ class Prodigy(GroupedOptimizer):
             raise ValueError(f"Prodigy takes one learning rate for all groups, got {list(lrs)}")
         super().set_learning_rates(lrs)
 
-    def update(self, grads, first, last, starts_step):
-        """All parameters at once (first = 0, last = their count): d is estimated from every gradient."""
+    def per_parameter_state(self):
+        return self.exp_avg, self.exp_avg_sq, self.s, self.p0
+
+    def update(self, grads, params, lrs, states, starts_step):
+        """All parameters at once (never split): d is estimated from every gradient."""
+        exp_avg, exp_avg_sq, s, p0 = states
         first_step = self._advance_step() == 1
         lr = self.group_lrs[0]
         active = lr > 0
@@ -523,7 +541,7 @@ class Prodigy(GroupedOptimizer):
             _prodigy_estimate, self.beta1, self.beta2, self.beta3, not self.decouple, self.safeguard_warmup,
             self.slice_p, self.weight_decay, d, self.d0, dlr, active, first_step,
         )  # fmt: skip
-        contributions = self.hyper_map(estimate, self.parameters, grads, self.exp_avg, self.exp_avg_sq, self.s, self.p0)
+        contributions = self.hyper_map(estimate, params, grads, exp_avg, exp_avg_sq, s, p0)
         sums = ops.addn(contributions)
         d_numerator = self.d_numerator * self.beta3 + sums[0]
         d_denom = sums[1]
@@ -540,7 +558,7 @@ class Prodigy(GroupedOptimizer):
         update = ops.partial(
             _prodigy_update, self.beta1 > 0, self.decouple, self.eps, self.weight_decay, self.d, dlr, take_step
         )
-        return self.hyper_map(update, self.parameters, grads, self.exp_avg, self.exp_avg_sq)
+        return self.hyper_map(update, params, grads, exp_avg, exp_avg_sq)
 
 
 class OptimizerPart(nn.Cell):
@@ -552,11 +570,17 @@ class OptimizerPart(nn.Cell):
 
     def __init__(self, optimizer: GroupedOptimizer, first: int, last: int):
         super().__init__(auto_prefix=False)
-        self.optimizer = optimizer
         self.first, self.last = first, last
+        # The optimizer and the slices are kept out of the Cell's registry, so that the part's graph holds
+        # only its own Parameters (a registered optimizer, or slicing inside the graph, brings in all of
+        # them; and registering would rename the Parameters, whose names are the state's checkpoint keys).
+        object.__setattr__(self, "optimizer", optimizer)
+        object.__setattr__(self, "slices", (optimizer.parameters[first:last], optimizer.param_lrs[first:last],
+                                            tuple(state[first:last] for state in optimizer.per_parameter_state())))
 
     def construct(self, *grads):
-        return self.optimizer.update(grads, self.first, self.last, self.first == 0)
+        params, lrs, states = self.slices
+        return self.optimizer.update(grads, params, lrs, states, self.first == 0)
 
 
 def split_update(optimizer: GroupedOptimizer, max_parameters_per_part: int):
