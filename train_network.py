@@ -270,7 +270,7 @@ class NetworkTrainer:
             if training_log:
                 training_log.close()
         progress.close()
-        check_ranks_agree(self.world, [param.asnumpy() for param in network.adapter_params()])
+        check_ranks_agree(self.world, network.adapter_params())
         path = self.save_model(args, network, metadata, state, args.output_name)
         if args.save_state or args.save_state_on_train_end:
             self.save_state(args, network, optimizer, state, f"{args.output_name}-state")
@@ -336,8 +336,8 @@ class NetworkTrainer:
 
     @main_rank_only
     def save_model(self, args, network, metadata, state, name) -> str:
-        path = os.path.join(args.output_dir, f"{name}.safetensors")
         os.makedirs(args.output_dir, exist_ok=True)
+        path = os.path.join(args.output_dir, f"{name}.safetensors")
         metadata = dict(metadata, ss_training_finished_at=time.time(), ss_steps=state.global_step,
                         ss_epoch=state.epoch if state.batch_in_epoch else state.epoch - 1)
         network.save_weights(path, _save_dtype(args.save_precision), metadata, args.no_metadata)

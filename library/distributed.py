@@ -89,12 +89,12 @@ def agree_on_seed(world: World, seed: int) -> int:
     return int(all_reduce_sum(world, np.array([seed if world.is_main else 0], np.int64))[0])
 
 
-def check_ranks_agree(world: World, arrays: Sequence[np.ndarray]) -> None:
+def check_ranks_agree(world: World, params: Sequence[ms.Parameter]) -> None:
     """Data parallelism keeps every rank's LoRA identical; a difference means a broken setup (e.g. ranks
     launched with different arguments), so say so instead of saving one rank's weights silently."""
     if not world.is_distributed:
         return
-    fingerprint = np.array([sum(float(np.square(a, dtype=np.float64).sum()) for a in arrays)], np.float32)
+    fingerprint = np.array([sum(float(np.square(p.asnumpy(), dtype=np.float64).sum()) for p in params)], np.float32)
     total = all_reduce_sum(world, fingerprint)
     if not np.allclose(total, fingerprint * world.size, rtol=1e-5):
         raise RuntimeError("the ranks' LoRA weights differ: every rank must be launched with the same arguments")

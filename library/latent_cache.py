@@ -62,6 +62,12 @@ def text_encoder_outputs_npz_path(image_path: str) -> str:
     return os.path.splitext(image_path)[0] + TEXT_ENCODER_OUTPUTS_SUFFIX
 
 
+def _rank_owns(file_index: int, rank: int, world_size: int) -> bool:
+    """Under data parallelism each cache file is checked and written by one rank: file i by rank i mod W.
+    The index counts distinct files in dataset order, so every rank assigns them alike before any exists."""
+    return file_index % world_size == rank
+
+
 # ---- latents ----
 
 
@@ -82,7 +88,7 @@ def cache_latents(group, encode_fn: Callable, vae_batch_size: int = 1, to_disk: 
             users_of_file[path].append(item)
             continue
         users_of_file[path] = [item]
-        if (len(users_of_file) - 1) % world_size != rank:  # another rank's file
+        if not _rank_owns(len(users_of_file) - 1, rank, world_size):
             continue
         problem = latents_cache_problem(path, item, skip_cache_check)
         if problem is None:
@@ -256,7 +262,7 @@ def cache_text_encoder_outputs(
                     )
                 continue
             caption_of_file[path] = caption
-            if (len(caption_of_file) - 1) % world_size != rank:  # another rank's file
+            if not _rank_owns(len(caption_of_file) - 1, rank, world_size):
                 continue
             if os.path.exists(path) and skip_cache_check:
                 continue
