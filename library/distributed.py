@@ -22,6 +22,7 @@ import mindspore as ms
 from mindspore import ops
 
 from library.diffusion import DiffusionTrainingMath, TrainingTargets
+from library.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,8 @@ def check_ranks_agree(world: World, params: Sequence[ms.Parameter]) -> None:
     fingerprint = np.array([sum(float(np.square(p.asnumpy(), dtype=np.float64).sum()) for p in params)], np.float32)
     total = all_reduce_sum(world, fingerprint)
     if not np.allclose(total, fingerprint * world.size, rtol=1e-5):
-        raise RuntimeError("the ranks' LoRA weights differ: every rank must be launched with the same arguments")
+        raise UserError("the ranks' LoRA weights differ, so nothing was saved: launch every rank with the same "
+                        "arguments")
 
 
 def shard_targets(math: DiffusionTrainingMath, latents: np.ndarray, sample_weights: np.ndarray,
