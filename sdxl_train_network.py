@@ -100,8 +100,10 @@ class SdxlNetworkTrainer(NetworkTrainer):
         step = BlockwiseTrainStepForSDXLLoRA(loss_cell, optimizer, args.max_grad_norm,
                                              args.gradient_accumulation_steps)
         self._unet_forward, self._blockwise_loss = step.blockwise.predict, step.blockwise.loss
-        logger.info(f"--gradient_checkpointing: the UNet runs as {step.blockwise.num_units} units sharing "
-                    f"{step.blockwise.num_compiled_units} compiled structures, each recomputed in the backward pass")
+        blockwise = step.blockwise
+        logger.info(f"--gradient_checkpointing: the UNet runs as {blockwise.num_units} units sharing "
+                    f"{blockwise.num_compiled_units} compiled structures; transformer blocks keep their activations "
+                    f"(up to {blockwise.max_saved_bytes / 2**30:.0f} GiB a step), other units recompute theirs")
         return step.run
 
     def step_inputs(self, args, batch, latents, targets):

@@ -11,8 +11,9 @@ twice the UNet forward: the forward, and the backward to the activations; weight
 for the small LoRA matrices).
 
 `--gradient_checkpointing` measures the trainer's step under that flag (library/blockwise.py): the UNet
-compiled unit by unit, units of the same structure sharing a graph, each unit's forward recomputed in
-the backward pass (README, "Full-size step").
+compiled unit by unit, units of the same structure sharing a graph, transformer blocks keeping their
+activations for a hand-written backward and the other units recomputing their forward in the backward pass
+(README, "Full-size step").
 """
 
 import argparse
@@ -94,22 +95,32 @@ def unet_forward_flops(config: UNetConfig, height: int, width: int, context_toke
 
 
 def time_units(units):
-    """Wrap each unit's forward and backward with a timer (waiting for the result); -> {(kind, pass, shape): [s]}."""
+    """Wrap each unit's forward and backward (and those of its saving variant) with a timer, waiting for the
+    result; -> {(kind, pass, input shape): [s]}."""
     times = {}
 
-    def timed(function, kind, direction):
-        def call(*args):
+    def timed(function, kind, direction, first_output, input_shape):
+        def call(*args, **kwargs):
             start = time.perf_counter()
-            result = function(*args)
-            (result if direction == "forward" else result[0][0]).asnumpy()
-            shape = tuple(args[0].shape if direction == "forward" else args[1][0].shape)
-            times.setdefault((kind, direction, shape), []).append(time.perf_counter() - start)
+            result = function(*args, **kwargs)
+            first_output(result).asnumpy()
+            times.setdefault((kind, direction, input_shape(*args, **kwargs)), []).append(time.perf_counter() - start)
             return result
         return call
 
+    def backward_input_shape(upstream, tensors):
+        return tuple(tensors[0].shape)
+
     for unit in units:
-        unit.forward = timed(unit.forward, unit.kind, "forward")
-        unit.backward = timed(unit.backward, unit.kind, "backward")
+        unit.forward = timed(unit.forward, unit.kind, "forward", lambda result: result,
+                             lambda *tensors: tuple(tensors[0].shape))
+        unit.backward = timed(unit.backward, unit.kind, "backward", lambda result: result[0][0], backward_input_shape)
+        if unit.saving is not None:
+            saving = unit.saving
+            saving.forward = timed(saving.forward, unit.kind, "forward, saving", lambda result: result[0],
+                                   lambda tensors: tuple(tensors[0].shape))
+            saving.backward = timed(saving.backward, unit.kind, "backward, saved", lambda result: result[0][0],
+                                    lambda upstream, tensors, saved: tuple(tensors[0].shape))
     return times
 
 
@@ -121,7 +132,7 @@ def print_unit_times(times, steps):
         rows.append((sum(values[calls_per_step:]) / max(steps - 1, 1), kind, direction, shape, calls_per_step))
     print(f"units: {sum(row[0] for row in rows):.2f} s/step in compiled units (steps 2..{steps})")
     for per_step, kind, direction, shape, calls in sorted(rows, reverse=True):
-        print(f"  {kind:18s} {direction:8s} {str(shape):22s} {calls:3d} calls {per_step:6.2f} s/step")
+        print(f"  {kind:18s} {direction:16s} {str(shape):22s} {calls:3d} calls {per_step:6.2f} s/step")
 
 
 def main(argv=None):
@@ -138,7 +149,8 @@ def main(argv=None):
     parser.add_argument("--with_text_encoders", action="store_true",
                         help="also build both full-size text encoders and keep them resident (as the trainer does)")
     parser.add_argument("--profile_units", action="store_true",
-                        help="with --gradient_checkpointing: seconds per step in each kind of unit, forward and backward")
+                        help="with --gradient_checkpointing: seconds per step in each kind of unit, "
+                             "forward and backward")
     args = parser.parse_args(argv)
 
     full_unet, _, te1, te2 = sdxl_base_configs()

@@ -5,8 +5,10 @@ many minutes (measured, README "Full-size step"). Here the UNet runs as a sequen
 the projections around a transformer, each transformer block, ...), each compiled alone, forward and
 backward. Units of the same structure share one compiled graph: their layers take the weights as
 arguments (library/layers.py, `weights`), so the 70 transformer blocks of SDXL compile twice, not 70
-times. Only the unit inputs are kept from forward to backward; each backward recomputes its unit's
-forward, as gradient checkpointing does.
+times. Only the unit inputs are kept from forward to backward, and each backward recomputes its unit's
+forward, as gradient checkpointing does, except in transformer blocks: they keep what their backward needs,
+up to a budget of bytes per step (`MAX_SAVED_ACTIVATION_BYTES`), and skip the recompute
+(library/transformer_backward.py).
 
 The accumulation, clipping and optimizer update after the gradients are mindone's TrainStep's: the
 accumulation and clipping in one compiled graph, the optimizer update in parts of a few hundred
@@ -14,7 +16,8 @@ parameters, each its own graph (library/optimizers.py, `OptimizerPart`: one grap
 a full-size LoRA compiles more slowly, 35 s against 25 s, and holds more memory).
 """
 
-from typing import Callable, Dict, List, Sequence, Tuple
+from functools import partial
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn, ops
@@ -24,12 +27,16 @@ from library.layers import WeightedCell
 from library.optimizers import split_update
 from library.sdxl_unet import SpatialTransformer
 from library.train_step import SDXLLoRALoss, TrainStepForSDXLLoRA
+from library.transformer_backward import SavedBackwardBlock, supports_saved_backward
 
 # Attributes every Cell carries for MindSpore's own bookkeeping; they say nothing about a cell's computation.
 _CELL_INTERNALS = frozenset(vars(nn.Cell())) - {"training"}
 _STATIC_TYPES = (bool, int, float, type(None))
 # Parameters per compiled optimizer-update graph: ~180 compiled fastest over a full-size LoRA's 1444 tensors.
 MAX_PARAMETERS_PER_UPDATE = 192
+# Activations transformer blocks may keep per step to skip their recompute: all of a full-size SDXL step at
+# 256 px (~0.6 GiB), about 16 of the 70 blocks at 1024 px (~130 MB each); the rest recompute.
+MAX_SAVED_ACTIVATION_BYTES = 2 * 2**30
 
 
 def _owned_cells(cell: nn.Cell, exclude: str = "") -> List[nn.Cell]:
@@ -80,11 +87,13 @@ class CompiledUnit:
 
     backward returns the gradients of the activations and of the trainable weights (`trainable`: their
     indices in the weight tuple) for the given gradient of the output; it recomputes the forward.
+    `saving`, when set, is the same unit with a backward that needs no recompute (SavingUnit).
     """
 
     def __init__(self, call: Callable, num_activations: int, num_constants: int, trainable: Sequence[int],
-                 kind: str = ""):
+                 kind: str = "", saving: Optional["SavingUnit"] = None):
         self.kind, self.num_activations, self.trainable = kind, num_activations, tuple(trainable)
+        self.saving = saving
         first_weight = num_activations + num_constants
 
         def forward(*tensors):
@@ -108,30 +117,68 @@ class CompiledUnit:
         return tuple(grads[: self.num_activations]), tuple(grads[self.num_activations:])
 
 
-class Tape:
-    """The units run by one forward pass, with their inputs, for the backward pass."""
+class SavingUnit:
+    """A transformer-block unit whose forward also returns what its backward needs, so that the backward
+    does not recompute it (library/transformer_backward.py). Same tensor layout as its CompiledUnit:
+    (tokens, emb, context, *weights)."""
 
-    def __init__(self):
+    def __init__(self, block: SavedBackwardBlock, kind: str):
+        self.kind = kind
+
+        def forward(tokens, emb, context, *weights):
+            return block.forward(tokens, context, weights)
+
+        def backward(upstream, tokens, emb, context, *saved_and_weights):
+            saved, weights = saved_and_weights[:block.num_saved], saved_and_weights[block.num_saved:]
+            return block.backward(upstream, tokens, context, saved, weights)
+
+        self._forward, self._backward = ms.jit(_Graph(forward).construct), ms.jit(_Graph(backward).construct)
+
+    def forward(self, tensors) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+        output, *saved = self._forward(*tensors)
+        return output, tuple(saved)
+
+    def backward(self, upstream, tensors, saved) -> Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]:
+        tokens, emb, context, *weights = tensors
+        grads = self._backward(upstream, tokens, emb, context, *saved, *weights)
+        return grads[:1], tuple(grads[1:])
+
+
+class Tape:
+    """The units run by one forward pass, with what their backward needs, for the backward pass.
+
+    Units that can save their activations (`CompiledUnit.saving`) do so while the bytes saved in this pass stay
+    under `max_saved_bytes`; later ones recompute.
+    """
+
+    def __init__(self, max_saved_bytes: int = MAX_SAVED_ACTIVATION_BYTES):
         self.entries = []
+        self.max_saved_bytes, self.saved_bytes = max_saved_bytes, 0
 
     def run(self, unit: CompiledUnit, weights: Sequence[Parameter], activations: Tuple, constants: Tuple) -> Tensor:
         # `data` is a tensor sharing the Parameter's memory (`value()` copies it: +10 GiB at full size, measured).
         tensors = (*activations, *constants, *(param.data for param in weights))
-        output = unit.forward(*tensors)
-        self.entries.append((unit, weights, tensors, activations, output))
+        if unit.saving is not None and self.saved_bytes < self.max_saved_bytes:
+            output, saved = unit.saving.forward(tensors)
+            self.saved_bytes += sum(tensor.nbytes for tensor in saved)
+            backward = partial(unit.saving.backward, tensors=tensors, saved=saved)
+        else:
+            output = unit.forward(*tensors)
+            backward = partial(unit.backward, tensors=tensors)
+        self.entries.append((backward, unit.trainable, weights, activations, output))
         return output
 
     def backward(self, output: Tensor, upstream: Tensor) -> Dict[int, Tensor]:
         """Gradients of the trainable weights (by id of the Parameter) given d(objective)/d(output)."""
         activation_grads = {id(output): upstream}
         weight_grads: Dict[int, Tensor] = {}
-        for unit, weights, tensors, activations, output in reversed(self.entries):
-            grads_in, grads_w = unit.backward(activation_grads.pop(id(output)), tensors)
+        for backward, trainable, weights, activations, output in reversed(self.entries):
+            grads_in, grads_w = backward(activation_grads.pop(id(output)))
             for activation, grad in zip(activations, grads_in):
                 _accumulate(activation_grads, id(activation), grad)
-            for index, grad in zip(unit.trainable, grads_w):
+            for index, grad in zip(trainable, grads_w):
                 _accumulate(weight_grads, id(weights[index]), grad)
-        self.entries = []
+        self.entries, self.saved_bytes = [], 0
         return weight_grads
 
 
@@ -169,8 +216,10 @@ def _unit_call(kind: str, cell: nn.Cell, loss_cell: SDXLLoRALoss) -> Callable:
 class BlockwiseSDXLLoss:
     """SDXLLoRALoss computed unit by unit: (step inputs) -> (loss, gradients of `params` in their order)."""
 
-    def __init__(self, loss_cell: SDXLLoRALoss, params: Sequence[Parameter]):
+    def __init__(self, loss_cell: SDXLLoRALoss, params: Sequence[Parameter],
+                 max_saved_bytes: int = MAX_SAVED_ACTIVATION_BYTES):
         self.loss_cell, self.unet, self.params = loss_cell, loss_cell.unet, list(params)
+        self.max_saved_bytes, self.last_saved_bytes = max_saved_bytes, 0
         self._units: Dict[Tuple, CompiledUnit] = {}
         self._cell_units: Dict[Tuple[str, int], Tuple[CompiledUnit, List[Parameter]]] = {}
         self._condition = ms.jit(loss_cell.condition_unet)
@@ -206,8 +255,11 @@ class BlockwiseSDXLLoss:
             num_activations = {"layer_on_skip": 2, "transformer_out": 2}.get(kind, 1)
             num_constants = {"loss": 3, "head": 0}.get(kind, 2)
             trainable = [i for i, param in enumerate(weights) if param.requires_grad]
+            saving = None
+            if kind == "transformer_block" and supports_saved_backward(cell, weights):
+                saving = SavingUnit(SavedBackwardBlock(cell), kind)
             self._units[key] = CompiledUnit(_unit_call(kind, cell, self.loss_cell), num_activations, num_constants,
-                                            trainable, kind)
+                                            trainable, kind, saving)
         self._cell_units[(kind, id(cell))] = (self._units[key], weights)
         return weights
 
@@ -270,9 +322,10 @@ class BlockwiseSDXLLoss:
                  text_a, text_b, text_c) -> Tuple[Tensor, List[Tensor]]:
         """The loss and the gradients of upstream * loss."""
         context, emb = self._condition(timesteps, sizes, text_a, text_b, text_c)
-        tape = Tape()
+        tape = Tape(self.max_saved_bytes)
         h = self._unet_blocks(tape, noisy_latents, (emb, context))
         loss = self._run(tape, "loss", self.unet.out, (h,), (target, loss_weights, huber_c))
+        self.last_saved_bytes = tape.saved_bytes
         weight_grads = tape.backward(loss, upstream)
         return loss, [weight_grads.get(id(param), ops.zeros(param.shape, param.dtype)) for param in self.params]
 

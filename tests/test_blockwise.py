@@ -49,6 +49,7 @@ def blockwise_and_reference():
     loss, grads = blockwise(Tensor(upstream, ms.float32), *inputs)
     reference_loss, reference_grads = ops.value_and_grad(loss_cell, None, weights=params)(*inputs)
     return {"unet": unet, "blockwise": blockwise, "params": params, "upstream": upstream, "inputs": inputs,
+            "loss_cell": loss_cell,
             "loss": loss.asnumpy(), "grads": [g.asnumpy() for g in grads],
             "reference_loss": reference_loss.asnumpy(), "reference_grads": [g.asnumpy() for g in reference_grads]}
 
@@ -61,6 +62,24 @@ def test_unit_gradients_equal_the_whole_model_gradients(blockwise_and_reference)
     for param, grad, reference in zip(run["params"], run["grads"], run["reference_grads"]):
         assert grad.shape == reference.shape == tuple(param.shape)
         np.testing.assert_allclose(grad, run["upstream"] * reference, atol=1e-5 * scale, err_msg=param.name)
+
+
+def test_transformer_blocks_save_activations_up_to_the_budget(blockwise_and_reference):
+    """Every transformer block of the fixture's step saved its activations (no recompute); with a smaller
+    budget only the first ones do, with none all recompute, and the gradients stay the same."""
+    run = blockwise_and_reference
+    saved_everything = run["blockwise"].last_saved_bytes
+    num_blocks = sum(isinstance(cell, BasicTransformerBlock) for _, cell in run["unet"].cells_and_names())
+    assert num_blocks == 11 and saved_everything > 0
+    scale = max(np.abs(g).max() for g in run["reference_grads"])
+    for budget in (saved_everything // 2, 0):
+        blockwise = BlockwiseSDXLLoss(run["loss_cell"], run["params"], max_saved_bytes=budget)
+        loss, grads = blockwise(Tensor(run["upstream"], ms.float32), *run["inputs"])
+        assert (0 < blockwise.last_saved_bytes < saved_everything) if budget else blockwise.last_saved_bytes == 0
+        np.testing.assert_allclose(loss.asnumpy(), run["reference_loss"], rtol=1e-6)
+        for param, grad, reference in zip(run["params"], grads, run["reference_grads"]):
+            np.testing.assert_allclose(grad.asnumpy(), run["upstream"] * reference, atol=1e-5 * scale,
+                                       err_msg=f"{param.name}, budget {budget}")
 
 
 def test_forward_only_prediction_equals_the_unet(blockwise_and_reference):
