@@ -56,11 +56,16 @@ class ResBlock(nn.Cell):
         )
         self.skip_connection = Conv2d(channels, out_channels, 1) if channels != out_channels else Identity()
 
+    def hidden(self, x, emb, weights=None):
+        """The first half: the input convolution plus the timestep embedding."""
+        return self.in_layers(x, weights) + self.emb_layers(emb, weights)[:, :, None, None]
+
+    def output(self, x, hidden, weights=None):
+        """The second half: the skip connection of x plus the output convolution of the hidden state."""
+        return self.skip_connection(x, weights) + self.out_layers(hidden, weights)
+
     def construct(self, x, emb, context, weights=None):
-        h = self.in_layers(x, weights)
-        h = h + self.emb_layers(emb, weights)[:, :, None, None]
-        h = self.out_layers(h, weights)
-        return self.skip_connection(x, weights) + h
+        return self.output(x, self.hidden(x, emb, weights), weights)
 
 
 class CrossAttention(nn.Cell):

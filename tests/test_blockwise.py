@@ -107,8 +107,10 @@ def test_blocks_of_the_same_structure_share_one_compiled_unit(blockwise_and_refe
     # 5 blocks of 64 channels and 6 of 128 in the tiny UNet: one compiled unit for each width.
     assert {width: len(units) for width, units in by_width.items()} == {64: 1, 128: 1}
     first_res, second_res = unet.input_blocks[1][0], unet.input_blocks[2][0]  # both 32 -> 32 channels
-    assert unit("layer", first_res) is unit("layer", second_res)
-    assert unit("layer", unet.input_blocks[4][0]) is not unit("layer", unet.input_blocks[5][0])  # 32->64, 64->64
+    assert unit("resblock_in", first_res) is unit("resblock_in", second_res)
+    assert unit("resblock_out", first_res) is unit("resblock_out", second_res)
+    assert unit("resblock_in", first_res) is not unit("resblock_out", first_res)
+    assert unit("resblock_in", unet.input_blocks[4][0]) is not unit("resblock_in", unet.input_blocks[5][0])  # 32->64
     assert blockwise.num_compiled_units < len(blockwise._cell_units)
 
 
