@@ -80,6 +80,10 @@ UNSUPPORTED_ARGUMENTS = {
     "use_8bit_adam": "8-bit optimizers (bitsandbytes) are CUDA-only",
     "fused_backward_pass": "fused optimizer steps in the backward pass are not implemented",
     "lr_scheduler_type": "custom scheduler classes are not supported; use --lr_scheduler",
+    "full_fp16": "the LoRA always trains in fp32, --mixed_precision fp16 stores the frozen model in fp16; "
+                 "add --save_precision fp16 to save the fp16 file sd-scripts would write with it",
+    "full_bf16": "the LoRA always trains in fp32, --mixed_precision bf16 stores the frozen model in bf16; "
+                 "add --save_precision bf16 to save the bf16 file sd-scripts would write with it",
 }
 
 # argument -> (values accepted besides its default, why others are refused)
@@ -467,7 +471,6 @@ def verify_args(args: argparse.Namespace) -> None:
         if getattr(args, name) is None:
             raise UserError(f"--{name} is required")
     _check_loss_arguments(args)
-    _check_precision_arguments(args)
     _check_network_arguments(args)
     _check_schedule_arguments(args)
     _complete_implied_arguments(args)
@@ -480,12 +483,6 @@ def _check_loss_arguments(args):
         raise UserError("--scale_v_pred_loss_like_noise_pred needs --v_parameterization")
     if args.v_pred_like_loss and args.v_parameterization:
         raise UserError("--v_pred_like_loss cannot be used with --v_parameterization")
-
-
-def _check_precision_arguments(args):
-    for flag, precision in (("full_fp16", "fp16"), ("full_bf16", "bf16")):
-        if getattr(args, flag) and args.mixed_precision != precision:
-            raise UserError(f"--{flag} needs --mixed_precision {precision} (got {args.mixed_precision})")
 
 
 def _check_network_arguments(args):
