@@ -22,7 +22,7 @@ from tqdm import tqdm
 from library import train_args
 from library.diffusion import DiffusionTrainingMath, NoiseSettings
 from library.distributed import (World, agree_on_seed, all_reduce_sum, barrier, check_ranks_agree, init_data_parallel,
-                                 main_rank_only, shard_targets)
+                                 main_rank_only, on_any_rank, shard_targets)
 from library.errors import UserError, exit_on_user_error
 from library.lr_schedulers import create_lr_scheduler
 from library.optimizers import create_optimizer_from_args
@@ -194,7 +194,12 @@ class NetworkTrainer:
         rng = np.random.default_rng()
         rng.bit_generator.state = state.rng_state
         interrupted = {"flag": False}
-        previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.update(flag=True))
+
+        def on_stop_signal(*_):
+            interrupted["flag"] = True
+
+        # SIGTERM too: MindSpore answers a SIGINT that arrives while it compiles with a SIGTERM to its own process
+        previous_handlers = {sig: signal.signal(sig, on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         training_log = TrainingLog.from_args(args) if self.world.is_main else None
         progress = tqdm(total=args.max_train_steps, initial=state.global_step, smoothing=0, desc="steps",
                         disable=not self.world.is_main)
@@ -239,8 +244,10 @@ class NetworkTrainer:
                         self.save_checkpoint(args, network, optimizer, state, metadata, step_name=True)
                     if args.sample_every_n_steps and state.global_step % args.sample_every_n_steps == 0:
                         self.sample_images(args, models, None, state.global_step)
-                    if interrupted["flag"]:
+                    if on_any_rank(self.world, interrupted["flag"]):
                         raise KeyboardInterrupt
+                    # compiling a graph installs MindSpore's own SIGINT handler (it ends the process): take it back
+                    signal.signal(signal.SIGINT, on_stop_signal)
                     if state.global_step >= args.max_train_steps:
                         break
                 else:
@@ -263,9 +270,11 @@ class NetworkTrainer:
             logger.info("interrupted: saving the LoRA and a resumable state before exiting")
             self.save_model(args, network, metadata, state, args.output_name)
             self.save_state(args, network, optimizer, state, f"{args.output_name}-state")
+            barrier(self.world)  # msrun kills every worker as soon as one exits non-zero: let rank 0 finish saving
             raise SystemExit(130)
         finally:
-            signal.signal(signal.SIGINT, previous_handler)
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
             dataset_group.close()
             if training_log:
                 training_log.close()

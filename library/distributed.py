@@ -74,7 +74,7 @@ def init_data_parallel() -> World:
 
 
 def all_reduce_sum(world: World, values: np.ndarray) -> np.ndarray:
-    """The sum over ranks of an int64 or float32 array (AllReduce has no float64)."""
+    """The sum over ranks of a float32 array (MindSpore 2.10's CPU AllReduce takes float32 and float16 only)."""
     if not world.is_distributed:
         return values
     return ops.AllReduce()(ms.Tensor(values)).asnumpy()
@@ -87,7 +87,17 @@ def barrier(world: World) -> None:
 
 def agree_on_seed(world: World, seed: int) -> int:
     """Rank 0's seed on every rank (a run without --seed draws one per process)."""
-    return int(all_reduce_sum(world, np.array([seed if world.is_main else 0], np.int64))[0])
+    halves = np.array([seed >> 16, seed & 0xFFFF] if world.is_main else [0, 0], np.float32)  # exact in float32
+    high, low = all_reduce_sum(world, halves)
+    return (int(high) << 16) + int(low)
+
+
+def on_any_rank(world: World, flag: bool) -> bool:
+    """Whether `flag` is set on at least one rank; every rank gets the same answer, so that a Ctrl-C that
+    reaches the ranks at slightly different moments still stops them all after the same step."""
+    if not world.is_distributed:
+        return flag
+    return bool(all_reduce_sum(world, np.array([float(flag)], np.float32))[0] > 0)
 
 
 def check_ranks_agree(world: World, params: Sequence[ms.Parameter]) -> None:
