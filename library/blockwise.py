@@ -345,7 +345,9 @@ class BlockwiseSDXLLoss:
         loss = self._run(tape, "loss", self.unet.out, (h,), (target, loss_weights, huber_c))
         self.last_saved_bytes = tape.saved_bytes
         weight_grads = tape.backward(loss, upstream)
-        return loss, [weight_grads.get(id(param), ops.zeros(param.shape, param.dtype)) for param in self.params]
+        # Not dict.get(key, default): the default, an eager zeros, would be built for all ~1444 tensors (~1 s).
+        return loss, [weight_grads[id(param)] if id(param) in weight_grads else ops.zeros(param.shape, param.dtype)
+                      for param in self.params]
 
 
 class BlockwiseTrainStepForSDXLLoRA(TrainStepForSDXLLoRA):
