@@ -12,7 +12,7 @@ import numpy as np
 
 import mindspore as ms
 
-from library.distributed import barrier, main_rank_only
+from library.distributed import main_rank_only
 from library.errors import UserError
 from library.layers import HALF_PRECISION_DTYPES, store_weights_in
 from library.model_loading import load_sdxl
@@ -28,9 +28,9 @@ logger = logging.getLogger("sdxl_train_network")
 class SdxlNetworkTrainer(NetworkTrainer):
     vae_scale_factor = SDXL_VAE_SCALE_FACTOR
 
-    def load_target_model(self, args):
-        models = load_sdxl(args.pretrained_model_name_or_path, args.vae)
-        if args.mixed_precision in HALF_PRECISION_DTYPES:
+    def load_target_model(self, args, unet: bool = True, encoders: bool = True):
+        models = load_sdxl(args.pretrained_model_name_or_path, args.vae, unet=unet, encoders=encoders)
+        if unet and args.mixed_precision in HALF_PRECISION_DTYPES:
             # As sd-scripts: the frozen UNet is held in the mixed-precision dtype; here the layers cast each
             # weight to the activations' dtype, and compute stays fp32 (CPU has no fast half kernels).
             saved = store_weights_in(models.unet, HALF_PRECISION_DTYPES[args.mixed_precision])
@@ -40,8 +40,9 @@ class SdxlNetworkTrainer(NetworkTrainer):
         self.tokenizers = load_sdxl_tokenizers(args.tokenizer_cache_dir)
         self.n_chunks = chunk_count(args.max_token_length)
         self._max_token_length = args.max_token_length
-        self.text_encoding = SDXLTextEncoding(models.text_encoder1, models.text_encoder2, self.n_chunks)
-        self._encode_moments = ms.jit(models.vae.encode_moments)
+        if encoders:
+            self.text_encoding = SDXLTextEncoding(models.text_encoder1, models.text_encoder2, self.n_chunks)
+            self._encode_moments = ms.jit(models.vae.encode_moments)
         self._latent_rng = np.random.default_rng(args.seed)
         self._sampler = None
         self._unet_forward = None
@@ -73,7 +74,6 @@ class SdxlNetworkTrainer(NetworkTrainer):
         cache_text_encoder_outputs(dataset_group, encode_fn, to_disk=args.cache_text_encoder_outputs_to_disk,
                                    skip_cache_check=args.skip_cache_check, rank=self.world.rank,
                                    world_size=self.world.size)
-        barrier(self.world)
 
     def build_loss_cell(self, args, models, train_text_encoder):
         if args.cache_text_encoder_outputs:

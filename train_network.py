@@ -20,6 +20,7 @@ from mindspore import ops
 from tqdm import tqdm
 
 from library import train_args
+from library.cache_process import cache_in_child_process, encoders_needed_after_caching
 from library.diffusion import DiffusionTrainingMath, NoiseSettings
 from library.distributed import (World, agree_on_seed, all_reduce_sum, barrier, check_ranks_agree, init_data_parallel,
                                  main_rank_only, on_any_rank, shard_targets)
@@ -62,7 +63,9 @@ class NetworkTrainer:
 
     # ---- hooks ----------------------------------------------------------------------------------
 
-    def load_target_model(self, args):
+    def load_target_model(self, args, unet: bool = True, encoders: bool = True):
+        """The models of --pretrained_model_name_or_path; `unet` and `encoders` (VAE and text encoders) choose
+        the parts built, the others are None."""
         raise NotImplementedError
 
     def get_noise_settings(self, args) -> NoiseSettings:
@@ -107,13 +110,22 @@ class NetworkTrainer:
             logger.info(f"data parallel: {self.world.size} ranks, each with its own batches; a step's batch is "
                         f"{self.world.size} x the configured batch size")
 
-        models = self.load_target_model(args)
-        for group in filter(None, (dataset_group, dataset_group.validation)):
-            self.cache_latents_if_needed(args, models, group)
-            self.cache_text_encoder_outputs_if_needed(args, models, group)
+        groups = [group for group in (dataset_group, dataset_group.validation) if group is not None]
+        if encoders_needed_after_caching(args):
+            models = self.load_target_model(args)
+            for group in groups:
+                self.cache_latents_if_needed(args, models, group)
+                self.cache_text_encoder_outputs_if_needed(args, models, group)
+        else:
+            cache_in_child_process(type(self), args, self.world, groups)
+            models = self.load_target_model(args, encoders=False)
+        barrier(self.world)  # every rank's share of the cache files is written before anyone reads them
 
         train_unet = not args.network_train_text_encoder_only
         train_text_encoder = not args.network_train_unet_only
+        # The LoRA's initial weights come from numpy's generator; building models draws from it as well, so it
+        # is seeded again here: the same seed gives the same LoRA whichever models this process built.
+        np.random.seed(args.seed % 2**32)
         network = self.network = self.create_network(args, models, train_unet, train_text_encoder)
 
         # the descriptions ("textencoder", "unet", "unet plus") name the logged learning rates, as sd-scripts
@@ -153,7 +165,6 @@ class NetworkTrainer:
         cache_latents(dataset_group, lambda images: self.encode_images(models, images),
                       vae_batch_size=args.vae_batch_size, to_disk=args.cache_latents_to_disk,
                       skip_cache_check=args.skip_cache_check, rank=self.world.rank, world_size=self.world.size)
-        barrier(self.world)  # every rank's share of the cache files is written before anyone reads them
 
     def create_network(self, args, models, train_unet, train_text_encoder):
         kwargs = {}
@@ -164,13 +175,16 @@ class NetworkTrainer:
             network, _ = lora.create_network_from_weights(1.0, args.network_weights, models.vae, models.text_encoders,
                                                           models.unet, **kwargs)
         else:
-            network = lora.create_network(1.0, args.network_dim, args.network_alpha, models.vae, models.text_encoders,
+            # Text-encoder modules only when trained: each module draws its initial weights in turn, so the UNet's
+            # must not depend on whether the text encoders were loaded (see library/cache_process.py).
+            text_encoders = models.text_encoders if train_text_encoder else []
+            network = lora.create_network(1.0, args.network_dim, args.network_alpha, models.vae, text_encoders,
                                           models.unet, neuron_dropout=args.network_dropout, **kwargs)
         network.apply_to(models.text_encoders, models.unet, train_text_encoder, train_unet)
         if args.network_weights:
             network.load_weights(args.network_weights)
         adapter = {id(p) for p in network.adapter_params()}
-        for cell in [models.unet, models.vae, *models.text_encoders]:
+        for cell in filter(None, [models.unet, models.vae, *models.text_encoders]):
             for _, param in cell.parameters_and_names():
                 param.requires_grad = id(param) in adapter
         return network

@@ -41,16 +41,18 @@ DIFFUSERS_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetens
 
 @dataclass
 class SDXLModels:
-    unet: SDXLUNet
-    vae: AutoencoderKL
-    text_encoder1: nn.Cell
-    text_encoder2: nn.Cell
+    """The parts of an SDXL checkpoint; a part not loaded (see `load_sdxl`) is None."""
+
+    unet: Optional[SDXLUNet]
+    vae: Optional[AutoencoderKL]
+    text_encoder1: Optional[nn.Cell]
+    text_encoder2: Optional[nn.Cell]
     # open_clip's logit_scale is not part of the text encoder; kept so a saved single file is complete.
     logit_scale: Optional[np.ndarray] = None
 
     @property
     def text_encoders(self):
-        return [self.text_encoder1, self.text_encoder2]
+        return [encoder for encoder in (self.text_encoder1, self.text_encoder2) if encoder is not None]
 
 
 # ---- Reading tensors into cells -------------------------------------------------------------------
@@ -118,7 +120,8 @@ def _check_sdxl_single_file(path: str, names) -> None:
         )
 
 
-def load_single_file(path: str) -> SDXLModels:
+def load_single_file(path: str, unet: bool = True, encoders: bool = True) -> SDXLModels:
+    """The UNet and/or the encoders (VAE and both text encoders) of a Stability-style single file."""
     refuse_pickle(path)
     with open_safetensors(path) as reader:
         names = reader.keys()
@@ -142,24 +145,28 @@ def load_single_file(path: str) -> SDXLModels:
         except (KeyError, StopIteration, IndexError, ValueError) as error:
             raise UserError(f"{path}: incomplete SDXL checkpoint (cannot find {error})") from None
 
-        with weight_init(skip=True):
-            unet = SDXLUNet(unet_config)
-            vae = AutoencoderKL(vae_config)
-        text_encoder1 = build_text_encoder(te1_config, with_projection=False)
-        text_encoder2 = build_text_encoder(te2_config, with_projection=True)
-
-        load_into_cell(unet, _reader_tensors(reader, unet_names.values(), lambda n: n[len(conv.UNET_PREFIX):]),
-                       lambda n: n, path, "UNet")
-        load_into_cell(vae, _reader_tensors(reader, vae_names.values(), lambda n: n[len(conv.VAE_PREFIX):]),
-                       lambda n: n, path, "VAE")
-        te1 = {n: v for n, v in te1_names.items() if not n.endswith("position_ids")}
-        load_into_cell(text_encoder1, _reader_tensors(reader, te1.values(), lambda n: n[len(conv.TE1_PREFIX):]),
-                       conv.hf_clip_to_mindone_name, path, "text encoder 1")
-        te2_state = conv.open_clip_to_hf({k: reader.read_float32(v) for k, v in te2_names.items()})
-        logit_scale = te2_state.pop("logit_scale", None)
-        load_into_cell(text_encoder2, ((n, v.shape, lambda v=v: v) for n, v in te2_state.items()),
-                       conv.hf_clip_to_mindone_name, path, "text encoder 2")
-    return SDXLModels(unet, vae, text_encoder1, text_encoder2, logit_scale)
+        models = SDXLModels(None, None, None, None)
+        if unet:
+            with weight_init(skip=True):
+                models.unet = SDXLUNet(unet_config)
+            load_into_cell(models.unet, _reader_tensors(reader, unet_names.values(),
+                                                        lambda n: n[len(conv.UNET_PREFIX):]), lambda n: n, path, "UNet")
+        if encoders:
+            with weight_init(skip=True):
+                models.vae = AutoencoderKL(vae_config)
+            load_into_cell(models.vae, _reader_tensors(reader, vae_names.values(), lambda n: n[len(conv.VAE_PREFIX):]),
+                           lambda n: n, path, "VAE")
+            models.text_encoder1 = build_text_encoder(te1_config, with_projection=False)
+            te1 = {n: v for n, v in te1_names.items() if not n.endswith("position_ids")}
+            load_into_cell(models.text_encoder1, _reader_tensors(reader, te1.values(),
+                                                                 lambda n: n[len(conv.TE1_PREFIX):]),
+                           conv.hf_clip_to_mindone_name, path, "text encoder 1")
+            models.text_encoder2 = build_text_encoder(te2_config, with_projection=True)
+            te2_state = conv.open_clip_to_hf({k: reader.read_float32(v) for k, v in te2_names.items()})
+            models.logit_scale = te2_state.pop("logit_scale", None)
+            load_into_cell(models.text_encoder2, ((n, v.shape, lambda v=v: v) for n, v in te2_state.items()),
+                           conv.hf_clip_to_mindone_name, path, "text encoder 2")
+    return models
 
 
 def _open_clip_hf_shapes(shapes):
@@ -182,20 +189,24 @@ def _component_file(folder: str, component: str) -> str:
     raise UserError(f"{sub}: no weights found (expected one of {', '.join(DIFFUSERS_WEIGHT_FILES)})")
 
 
-def load_diffusers_folder(folder: str) -> SDXLModels:
-    unet_config = unet_config_from_diffusers(read_json(os.path.join(folder, "unet", "config.json")), folder)
-    vae = load_vae(os.path.join(folder, "vae"))
-    with weight_init(skip=True):
-        unet = SDXLUNet(unet_config)
-    with open_safetensors(_component_file(folder, "unet")) as reader:
-        def to_sgm(name):
-            try:
-                return conv.unet_diffusers_name_to_sgm(name, unet_config)
-            except KeyError:
-                return "unexpected:" + name
+def load_diffusers_folder(folder: str, unet: bool = True, encoders: bool = True) -> SDXLModels:
+    """The UNet and/or the encoders (VAE and both text encoders) of a diffusers folder."""
+    models = SDXLModels(None, None, None, None)
+    if unet:
+        unet_config = unet_config_from_diffusers(read_json(os.path.join(folder, "unet", "config.json")), folder)
+        with weight_init(skip=True):
+            models.unet = SDXLUNet(unet_config)
+        with open_safetensors(_component_file(folder, "unet")) as reader:
+            def to_sgm(name):
+                try:
+                    return conv.unet_diffusers_name_to_sgm(name, unet_config)
+                except KeyError:
+                    return "unexpected:" + name
 
-        load_into_cell(unet, _reader_tensors(reader, reader.keys()), to_sgm, reader.path, "UNet")
-
+            load_into_cell(models.unet, _reader_tensors(reader, reader.keys()), to_sgm, reader.path, "UNet")
+    if not encoders:
+        return models
+    models.vae = load_vae(os.path.join(folder, "vae"))
     text_encoders = []
     for component, with_projection in (("text_encoder", False), ("text_encoder_2", True)):
         config = clip_config_from_folder(os.path.join(folder, component))
@@ -204,7 +215,8 @@ def load_diffusers_folder(folder: str) -> SDXLModels:
             names = [n for n in reader.keys() if not n.endswith("position_ids")]
             load_into_cell(model, _reader_tensors(reader, names), conv.hf_clip_to_mindone_name, reader.path, component)
         text_encoders.append(model)
-    return SDXLModels(unet, vae, text_encoders[0], text_encoders[1])
+    models.text_encoder1, models.text_encoder2 = text_encoders
+    return models
 
 
 # ---- VAE on its own (--vae) -----------------------------------------------------------------------
@@ -247,12 +259,14 @@ def _load_vae_file(path: str, config: Optional[VAEConfig]) -> AutoencoderKL:
 # ---- Entry point ----------------------------------------------------------------------------------
 
 
-def load_sdxl(path: str, vae_path: Optional[str] = None) -> SDXLModels:
-    """`--pretrained_model_name_or_path` (file or diffusers folder) and optional `--vae` override."""
+def load_sdxl(path: str, vae_path: Optional[str] = None, unet: bool = True, encoders: bool = True) -> SDXLModels:
+    """`--pretrained_model_name_or_path` (file or diffusers folder) and optional `--vae` override; `unet` and
+    `encoders` (VAE and text encoders) choose the parts built, the others are None."""
     if not os.path.exists(path):
         raise UserError(f"{path}: model not found (give a .safetensors SDXL checkpoint or a diffusers folder)")
-    models = load_diffusers_folder(path) if os.path.isdir(path) else load_single_file(path)
-    if vae_path:
+    load = load_diffusers_folder if os.path.isdir(path) else load_single_file
+    models = load(path, unet=unet, encoders=encoders)
+    if vae_path and encoders:
         models.vae = load_vae(vae_path)
     release_freed_host_memory()
     return models

@@ -169,3 +169,45 @@ def test_missing_image_folder_is_one_line(demo_setup, capsys, tmp_path):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nowhere" in err[0]
+
+
+def test_encoders_cached_in_a_child_process_train_the_same_lora(demo_setup, tmp_path, monkeypatch):
+    """With both caches and nothing else needing the encoders, the VAE and text encoders run in a child process
+    (library/cache_process.py) and the trainer process builds the UNet alone; the LoRA equals the one trained
+    with the encoders in-process (same latent samples), here with a validation group cached alongside."""
+    import train_network
+
+    root, _, model = demo_setup
+    dataset = tmp_path / "dataset.toml"
+    dataset.write_text('[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 64\nbatch_size = 2\n'
+                       f'validation_split = 0.25\n[[datasets.subsets]]\nimage_dir = "{root / "images"}"\n')
+    loaded = []
+    load = SdxlNetworkTrainer.load_target_model
+
+    def recording_load(self, args, unet=True, encoders=True):
+        loaded.append(load(self, args, unet, encoders))
+        return loaded[-1]
+
+    monkeypatch.setattr(SdxlNetworkTrainer, "load_target_model", recording_load)
+    extra = ("--cache_text_encoder_outputs", "--validate_every_n_steps", "2")
+    train_main(SdxlNetworkTrainer, _args(tmp_path, dataset, model, "child", *extra))
+    assert [(m.unet is not None, m.vae, m.text_encoders) for m in loaded] == [(True, None, [])]
+
+    monkeypatch.setattr(train_network, "encoders_needed_after_caching", lambda args: True)
+    train_main(SdxlNetworkTrainer, _args(tmp_path, dataset, model, "in_process", *extra))
+    assert loaded[1].vae is not None and len(loaded[1].text_encoders) == 2
+    with open_safetensors(tmp_path / "child" / "lora.safetensors") as a, \
+            open_safetensors(tmp_path / "in_process" / "lora.safetensors") as b:
+        assert sorted(a.keys()) == sorted(b.keys()) and len(a.keys()) > 0
+        for key in b.keys():
+            np.testing.assert_array_equal(a.read(key), b.read(key), err_msg=key)
+
+
+def test_an_error_in_the_caching_process_is_one_line(demo_setup, capsys, tmp_path):
+    root, dataset, model = demo_setup
+    with pytest.raises(SystemExit) as info:
+        train_main(SdxlNetworkTrainer, _args(root, dataset, model, "bad_vae", "--cache_text_encoder_outputs",
+                                             "--vae", str(tmp_path / "no_vae.safetensors")))
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: {tmp_path / 'no_vae.safetensors'}: VAE not found"
