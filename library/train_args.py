@@ -46,7 +46,6 @@ UNSUPPORTED_ARGUMENTS = {
     "cpu_offload_checkpointing": "offloading checkpointed activations is not implemented",
     "lowram": "a torch/CUDA memory-placement option with no MindSpore counterpart",
     "highvram": "a torch/CUDA memory-placement option with no MindSpore counterpart",
-    "disable_mmap_load_safetensors": "checkpoints are always streamed one tensor at a time here",
     "ddp_timeout": "torch DistributedDataParallel option",
     "ddp_gradient_as_bucket_view": "torch DistributedDataParallel option",
     "ddp_static_graph": "torch DistributedDataParallel option",
@@ -143,7 +142,8 @@ def _add_model_arguments(parser):
     add("--tokenizer_cache_dir", type=str, default=None, help="load the tokenizers from (and save them to) here")
     add("--vae", type=str, default=None, help="VAE to use instead of the checkpoint's")
     add("--no_half_vae", action="store_true", help="keep the VAE in float32 with mixed precision")
-    add("--disable_mmap_load_safetensors", action="store_true", help="read checkpoints without mmap")
+    add("--disable_mmap_load_safetensors", action="store_true",
+        help="read checkpoints without mmap (always so here: tensors are read one at a time with positioned reads)")
     add("--clip_skip", type=int, default=None, help="use the output of the n-th last text encoder layer")
 
 

@@ -227,3 +227,41 @@ def test_streaming_writer_leaves_nothing_when_a_tensor_fails(tmp_path):
     with pytest.raises(RuntimeError):
         save_safetensors_streaming([("x", (2,), np.float32, broken)], target)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_reads_equal_the_safetensors_library_for_every_dtype(tmp_path):
+    import safetensors.numpy
+
+    tensors = dict(sample_tensors(), ids=np.arange(12, dtype=np.int64).reshape(3, 4), mask=np.array([True, False]),
+                   empty=np.zeros((0, 3), np.float32), bytes=np.arange(7, dtype=np.uint8))
+    path = tmp_path / "all.safetensors"
+    save_safetensors(tensors, path)
+    expected = safetensors.numpy.load_file(str(path))
+    with open_safetensors(path) as reader:
+        assert reader.keys() == sorted(expected)
+        for name, value in expected.items():
+            got = reader.read(name)
+            assert got.shape == value.shape and reader.shape(name) == value.shape
+            assert got.dtype.itemsize == value.dtype.itemsize and got.dtype.kind == value.dtype.kind
+            bits = np.atleast_1d(value).view(np.uint8)
+            np.testing.assert_array_equal(np.atleast_1d(got).view(np.uint8), bits, err_msg=name)
+            got[...] = 0  # a private, writable copy: the next read is unchanged
+            np.testing.assert_array_equal(np.atleast_1d(reader.read(name)).view(np.uint8), bits, err_msg=name)
+
+
+def test_an_open_reader_maps_no_part_of_the_file(tmp_path):
+    """A memory-mapped checkpoint counts in the process's resident memory while open; reads go through pread."""
+    path = tmp_path / "big.safetensors"
+    save_safetensors({"w": np.ones((256, 1024), np.float32)}, path)
+    with open_safetensors(path) as reader:
+        reader.read("w")
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            assert str(path) not in maps.read()
+
+
+def test_header_offsets_beyond_the_file_are_a_user_error(tmp_path):
+    path = tmp_path / "lying.safetensors"
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 8)
+    with pytest.raises(UserError, match="'w' at bytes 0-16 does not fit"):
+        open_safetensors(path)

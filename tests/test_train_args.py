@@ -226,7 +226,6 @@ REFUSALS = [
     (["--v2"], "--v2 is not supported"),
     (["--clip_skip", "2"], "--clip_skip is not supported"),
     (["--weighted_captions"], "--weighted_captions is not supported"),
-    (["--disable_mmap_load_safetensors"], "--disable_mmap_load_safetensors is not supported"),
     (["--save_model_as", "ckpt"], "--save_model_as ckpt is not supported"),
     (["--save_model_as", "pt"], "--save_model_as pt is not supported"),
     (["--face_crop_aug_range", "2.0,4.0"], "--face_crop_aug_range is not supported"),
@@ -246,7 +245,8 @@ def test_refusal_applies_to_config_file_values(tmp_path):
 
 @pytest.mark.parametrize(
     "argv",
-    [["--log_with", "tensorboard"], ["--network_module", "networks.lora"], ["--save_model_as", "safetensors"]],
+    [["--log_with", "tensorboard"], ["--network_module", "networks.lora"], ["--save_model_as", "safetensors"],
+     ["--disable_mmap_load_safetensors"]],
 )
 def test_supported_values_of_partly_supported_arguments(argv):
     parse_args(REQUIRED + argv)
