@@ -41,6 +41,29 @@ class LayerNormOp(nn.Cell):
         return self.cpu_op(x, weight, bias)[0]
 
 
+def layer_norm_input_grad(eps: float):
+    """`grad(x, weight, dy) -> dx` of a layer norm over the last axis, for a hand-written backward.
+
+    On CPU the gradient is composed of elementwise ops and means: MindSpore 2.10's CPU LayerNormGrad kernel
+    took 1.9 ms for a 64x1280 input (a 1280-channel transformer block at 256 px), a third of the block's
+    non-matmul time. Elsewhere the framework's own gradient (one fused kernel)."""
+    if not on_cpu():
+        def normalized_dot(x, weight, dy):
+            return (mint.nn.functional.layer_norm(x, (x.shape[-1],), weight, None, eps) * dy).sum()
+
+        return ops.grad(normalized_dot, grad_position=0)
+
+    def composed(x, weight, dy):
+        centered = x - ops.mean(x, -1, keep_dims=True)
+        inv_std = ops.rsqrt(ops.mean(centered * centered, -1, keep_dims=True) + eps)
+        normalized = centered * inv_std
+        scaled = dy * weight
+        return inv_std * (scaled - ops.mean(scaled, -1, keep_dims=True)
+                          - normalized * ops.mean(scaled * normalized, -1, keep_dims=True))
+
+    return composed
+
+
 def group_norm(x, num_groups: int, weight, bias, eps: float):
     if not on_cpu():
         return mint.nn.functional.group_norm(x, num_groups, weight, bias, eps)

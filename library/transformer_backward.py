@@ -11,7 +11,8 @@ LoRA up matrix and s = multiplier * alpha / rank,
     dx = dy W + s (dy U) D,   dU = s dy^T (x D^T),   dD = s (dy U)^T x.
 
 The nonlinear pieces between the projections (layer norms, the attention product, GEGLU) are cheap and are
-differentiated by MindSpore from their saved inputs. At 256 px a full-size SDXL step keeps ~0.6 GiB this way;
+differentiated from their saved inputs: by MindSpore, except the layer norms on CPU, whose gradient kernel
+is slow there (`backend.layer_norm_input_grad`). At 256 px a full-size SDXL step keeps ~0.6 GiB this way;
 at 1024 px a 1280-channel block keeps ~130 MB, so the tape saves blocks only up to a byte budget and
 recomputes the rest (library/blockwise.py, `Tape`).
 
@@ -115,6 +116,16 @@ def _projection(layer: nn.Cell) -> Tuple[Callable, Callable, Tuple[int, ...]]:
     return forward, backward, (down_slot, up_slot)
 
 
+def _layer_norm_grad(norm: LayerNorm) -> Callable:
+    """`grad(x, weights, dy) -> dx` of the layer norm `norm` (its weight bound to a slot of `weights`)."""
+    input_grad = backend.layer_norm_input_grad(norm.norm.eps)
+
+    def grad(x, weights, dy):
+        return input_grad(x, _cast(weights[norm.slot], x), dy)
+
+    return grad
+
+
 def _split_heads(x, heads: int):
     batch, tokens, _ = x.shape
     return x.reshape(batch, tokens, heads, -1).swapaxes(1, 2)
@@ -144,15 +155,6 @@ class SavedBackwardBlock:
         def geglu(p):
             return p[..., :hidden] * backend.gelu(p[..., hidden:])
 
-        def norm1_dot(x, weights, dy):
-            return (norm1(x, weights) * dy).sum()
-
-        def norm2_dot(x, weights, dy):
-            return (norm2(x, weights) * dy).sum()
-
-        def norm3_dot(x, weights, dy):
-            return (norm3(x, weights) * dy).sum()
-
         def attention1_dot(q, k, v, dy):
             return (_attend(q, k, v, heads1) * dy).sum()
 
@@ -162,8 +164,7 @@ class SavedBackwardBlock:
         def geglu_dot(p, dy):
             return (geglu(p) * dy).sum()
 
-        norm1_grad, norm2_grad, norm3_grad = (ops.grad(dot, grad_position=0)
-                                              for dot in (norm1_dot, norm2_dot, norm3_dot))
+        norm1_grad, norm2_grad, norm3_grad = (_layer_norm_grad(norm) for norm in (norm1, norm2, norm3))
         attention1_grad, attention2_grad = (ops.grad(dot, grad_position=(0, 1, 2))
                                             for dot in (attention1_dot, attention2_dot))
         geglu_grad = ops.grad(geglu_dot, grad_position=0)

@@ -109,6 +109,30 @@ def test_layer_norm():
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_layer_norm_input_grad_matches_central_differences():
+    """The hand-written gradient (composed ops on CPU), compiled, against float64 central differences of the
+    numpy layer norm, for a weighted upstream (the LayerNorm bias does not enter dx)."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 3, 16)) * 3 + 1
+    weight, dy = rng.standard_normal(16), rng.standard_normal((2, 3, 16))
+    eps = 1e-5
+
+    def layer_norm(values):
+        centered = values - values.mean(-1, keepdims=True)
+        return centered / np.sqrt((centered ** 2).mean(-1, keepdims=True) + eps) * weight
+
+    expected = np.zeros_like(x)
+    step = 1e-6
+    for index in np.ndindex(x.shape):
+        shifted = [x.copy(), x.copy()]
+        shifted[0][index] += step
+        shifted[1][index] -= step
+        expected[index] = ((layer_norm(shifted[0]) - layer_norm(shifted[1])) * dy).sum() / (2 * step)
+    grad = ms.jit(backend.layer_norm_input_grad(eps))
+    got = grad(*(ms.Tensor(a.astype(np.float32)) for a in (x, weight, dy))).asnumpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+
+
 def test_gelu_exact_and_tanh():
     from math import erf
 
