@@ -37,10 +37,10 @@ class SdxlNetworkTrainer(NetworkTrainer):
             logger.info(f"--mixed_precision {args.mixed_precision}: UNet weights stored in {args.mixed_precision} "
                         f"({saved / 2**30:.2f} GiB saved); computation in fp32, so each layer casts its weight "
                         f"(on CPU this costs time: 2x s/step measured at full size)")
-        self.tokenizers = load_sdxl_tokenizers(args.tokenizer_cache_dir)
-        self.n_chunks = chunk_count(args.max_token_length)
-        self._max_token_length = args.max_token_length
-        if encoders:
+        if encoders:  # tokens are only for the text encoders (caching, uncached captions, samples)
+            self.tokenizers = load_sdxl_tokenizers(args.tokenizer_cache_dir)
+            self.n_chunks = chunk_count(args.max_token_length)
+            self._max_token_length = args.max_token_length
             self.text_encoding = SDXLTextEncoding(models.text_encoder1, models.text_encoder2, self.n_chunks)
             self._encode_moments = ms.jit(models.vae.encode_moments)
         self._latent_rng = np.random.default_rng(args.seed)

@@ -25,8 +25,13 @@ def save_safetensors(tensors: dict[str, np.ndarray], path, metadata: dict[str, s
     _write_atomically(path, lambda handle: handle.write(serialize_safetensors(tensors, metadata)))
 
 
-_DTYPE_TAGS = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16",
-               np.dtype(np.int64): "I64", np.dtype(np.int32): "I32"}
+# safetensors dtype tags and their numpy types (bfloat16 and fp8 from ml_dtypes, as MindSpore reads them).
+_NUMPY_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_DTYPE_TAGS = {np.dtype(numpy_type): tag for tag, numpy_type in _NUMPY_DTYPES.items()}
 
 # (name, shape, dtype, read) where read() returns the array; called once, when its bytes are written.
 StreamedTensor = Tuple[str, Tuple[int, ...], np.dtype, Callable[[], np.ndarray]]
@@ -99,12 +104,6 @@ def _fsync_directory(folder: str) -> None:
         os.close(descriptor)
 
 
-# safetensors dtype tags and their numpy types (bfloat16 and fp8 from ml_dtypes, as MindSpore reads them).
-_NUMPY_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
 _MAX_HEADER_BYTES = 100 * 2**20  # the format's own limit
 
 
