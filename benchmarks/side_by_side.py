@@ -98,7 +98,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sd_scripts", required=True, help="a checkout of kohya-ss/sd-scripts")
     parser.add_argument("--torch_python", required=True, help="the Python of sd-scripts' environment")
-    parser.add_argument("--checkpoint", required=True, help="an SDXL single file (benchmarks/full_size_load.py --write)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="an SDXL single file (benchmarks/full_size_load.py --write)")
     parser.add_argument("--dataset_config", required=True, help="images at 256 px, batch 1, no buckets")
     parser.add_argument("--tokenizer_cache_dir", help="for sd-scripts without internet (its CLIP tokenizers)")
     parser.add_argument("--steps", type=int, default=8)
