@@ -17,9 +17,12 @@ activations for a hand-written backward and the other units recomputing their fo
 """
 
 import argparse
+import csv
+import glob
 import os
 import resource
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -135,6 +138,26 @@ def print_unit_times(times, steps):
         print(f"  {kind:18s} {direction:16s} {str(shape):22s} {calls:3d} calls {per_step:6.2f} s/step")
 
 
+def print_op_times(profile_dir, steps, seconds_per_step):
+    """Kernel time per op type per step over steps 2..N, from MindSpore's profiler output in `profile_dir`."""
+    rows = []
+    for path in glob.glob(os.path.join(profile_dir, "**", "cpu_op_type_info_*.csv"), recursive=True):
+        with open(path) as file:
+            rows += [row for row in csv.DictReader(file)]
+    per_op = {}
+    for row in rows:  # each op type appears once per file
+        count, ms = per_op.get(row["op_type"], (0, 0.0))
+        per_op[row["op_type"]] = (count + int(row["type_occurrences"]), ms + float(row["total_compute_time"]))
+    profiled_steps = max(steps - 1, 1)
+    kernel_seconds = sum(ms for _, ms in per_op.values()) / 1000 / profiled_steps
+    kernels = sum(count for count, _ in per_op.values()) // profiled_steps
+    print(f"kernels: {kernels} a step, {kernel_seconds:.2f} s/step inside them "
+          f"({100 * kernel_seconds / seconds_per_step:.0f}% of the median step)")
+    for op_type, (count, ms) in sorted(per_op.items(), key=lambda item: -item[1][1])[:15]:
+        print(f"  {op_type:20s} {count // profiled_steps:6d} a step {ms / 1000 / profiled_steps:6.2f} s/step "
+              f"{ms / count:7.3f} ms each")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=("tiny", "mid", "full"), default="tiny")
@@ -151,6 +174,9 @@ def main(argv=None):
     parser.add_argument("--profile_units", action="store_true",
                         help="with --gradient_checkpointing: seconds per step in each kind of unit, "
                              "forward and backward")
+    parser.add_argument("--profile_ops", action="store_true",
+                        help="kernel time per op type over steps 2..N (MindSpore's profiler), and the share of "
+                             "the step spent inside kernels")
     args = parser.parse_args(argv)
 
     full_unet, _, te1, te2 = sdxl_base_configs()
@@ -185,7 +211,13 @@ def main(argv=None):
     pooled = ms.Tensor(rng.standard_normal((1, config.pooled_dim)).astype(np.float32))
     sizes = ms.Tensor(np.array([[args.resolution] * 2 + [0, 0] + [args.resolution] * 2], np.float32))
     times, losses = [], []
+    profiler = profile_dir = None
     for _ in range(args.steps):
+        if args.profile_ops and len(times) == 1:
+            from mindspore.profiler import Profiler
+
+            profile_dir = tempfile.mkdtemp(prefix="sdxl_lora_step_profile_")
+            profiler = Profiler(output_path=profile_dir)
         targets = math.prepare(rng.standard_normal((1, 4, side, side)).astype(np.float32), np.ones(1), rng)
         inputs = (ms.Tensor(targets.noisy_latents), ms.Tensor(targets.target), ms.Tensor(targets.timesteps), sizes,
                   ms.Tensor(targets.loss_weights), ms.Tensor(targets.huber_c), context, pooled,
@@ -195,6 +227,10 @@ def main(argv=None):
         times.append(time.perf_counter() - start)
         print(f"step {len(times)}: {times[-1]:.2f} s, loss {losses[-1]:.4f}", flush=True)
     steady = float(np.median(times[1:])) if len(times) > 1 else float("nan")
+    if profiler is not None:
+        profiler.stop()
+        profiler.analyse()
+        print_op_times(profile_dir, args.steps, float(np.mean(times[1:])))
     flops = 2 * unet_forward_flops(config, side, side)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     mode = "pynative" if args.pynative else "graph-per-unit" if args.gradient_checkpointing else "graph"
