@@ -108,6 +108,11 @@ def main(argv=None):
     parser.add_argument("--work_dir", default=None, help="logs and outputs (default: a temporary folder)")
     args = parser.parse_args(argv)
 
+    for path, what in ((os.path.join(args.sd_scripts, "sdxl_train_network.py"), "--sd_scripts: no sd-scripts checkout"),
+                       (args.torch_python, "--torch_python: no Python"), (args.checkpoint, "--checkpoint: no file"),
+                       (args.dataset_config, "--dataset_config: no file")):
+        if not os.path.isfile(path):
+            sys.exit(f"{what} at {path}")
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="side_by_side_")
     os.makedirs(work_dir, exist_ok=True)
     common = ["--pretrained_model_name_or_path", os.path.abspath(args.checkpoint),
