@@ -138,12 +138,12 @@ def print_unit_times(times, steps):
         print(f"  {kind:18s} {direction:16s} {str(shape):22s} {calls:3d} calls {per_step:6.2f} s/step")
 
 
-def print_op_times(profile_dir, steps, seconds_per_step):
+def print_op_times(profile_dir, steps, mean_step_seconds):
     """Kernel time per op type per step over steps 2..N, from MindSpore's profiler output in `profile_dir`."""
     rows = []
     for path in glob.glob(os.path.join(profile_dir, "**", "cpu_op_type_info_*.csv"), recursive=True):
         with open(path) as file:
-            rows += [row for row in csv.DictReader(file)]
+            rows.extend(csv.DictReader(file))
     per_op = {}
     for row in rows:  # each op type appears once per file
         count, ms = per_op.get(row["op_type"], (0, 0.0))
@@ -152,7 +152,7 @@ def print_op_times(profile_dir, steps, seconds_per_step):
     kernel_seconds = sum(ms for _, ms in per_op.values()) / 1000 / profiled_steps
     kernels = sum(count for count, _ in per_op.values()) // profiled_steps
     print(f"kernels: {kernels} a step, {kernel_seconds:.2f} s/step inside them "
-          f"({100 * kernel_seconds / seconds_per_step:.0f}% of the median step)")
+          f"({100 * kernel_seconds / mean_step_seconds:.0f}% of the mean step)")
     for op_type, (count, ms) in sorted(per_op.items(), key=lambda item: -item[1][1])[:15]:
         print(f"  {op_type:20s} {count // profiled_steps:6d} a step {ms / 1000 / profiled_steps:6.2f} s/step "
               f"{ms / count:7.3f} ms each")

@@ -77,7 +77,6 @@ def _resident_kib(pid: int) -> Tuple[int, int]:
 
 def run_measured(command: List[str], cwd: str, log_path: str, interval: float) -> dict:
     """Run `command`, its output to `log_path`; -> figures of the run (peaks in GiB)."""
-    start = time.perf_counter()
     peak_rss = peak_anonymous = 0
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
@@ -90,8 +89,7 @@ def run_measured(command: List[str], cwd: str, log_path: str, interval: float) -
     with open(log_path, errors="replace") as log:
         first, per_step = step_times(log.read())
     return {"returncode": process.returncode, "first_step": first, "s_per_step": per_step,
-            "peak_rss": peak_rss / 2**20, "peak_anonymous": peak_anonymous / 2**20,
-            "wall": time.perf_counter() - start}
+            "peak_rss": peak_rss / 2**20, "peak_anonymous": peak_anonymous / 2**20}
 
 
 def main(argv=None):
@@ -119,31 +117,32 @@ def main(argv=None):
               "--dataset_config", os.path.abspath(args.dataset_config),
               "--max_train_steps", str(args.steps)] + COMMON_ARGS
     torch_extra = TORCH_ARGS + (["--tokenizer_cache_dir", args.tokenizer_cache_dir] if args.tokenizer_cache_dir else [])
-    trainers = {
-        "torch sd-scripts": ([args.torch_python, "sdxl_train_network.py"] + common + torch_extra, args.sd_scripts),
-        "this trainer": ([sys.executable, "sdxl_train_network.py"] + common + OURS_ARGS, REPO),
+    trainers = {  # tag: (name, command, working directory)
+        "torch": ("torch sd-scripts", [args.torch_python, "sdxl_train_network.py"] + common + torch_extra,
+                  args.sd_scripts),
+        "ours": ("this trainer", [sys.executable, "sdxl_train_network.py"] + common + OURS_ARGS, REPO),
     }
     results: Dict[str, List[dict]] = {name: [] for name in trainers}
     print("| run | trainer | first step (s) | s/step (steps 2-N) | peak RSS (GiB) | peak anonymous (GiB) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for repeat in range(args.repeats):
         order = list(trainers) if repeat % 2 == 0 else list(reversed(trainers))
-        for name in order:
-            command, cwd = trainers[name]
-            tag = f"{len(results[name]) + 1}_{'torch' if name.startswith('torch') else 'ours'}"
-            output_dir = os.path.join(work_dir, f"out_{tag}")
-            log_path = os.path.join(work_dir, f"{tag}.log")
+        for tag in order:
+            name, command, cwd = trainers[tag]
+            run_tag = f"{len(results[tag]) + 1}_{tag}"
+            output_dir = os.path.join(work_dir, f"out_{run_tag}")
+            log_path = os.path.join(work_dir, f"{run_tag}.log")
             figures = run_measured(command + ["--output_dir", output_dir], cwd, log_path, args.interval)
             if figures["returncode"] != 0 or figures["s_per_step"] is None:
                 sys.exit(f"{name} failed (exit {figures['returncode']}); see {log_path}")
-            results[name].append(figures)
+            results[tag].append(figures)
             run_number = sum(len(runs) for runs in results.values())
             print(f"| {run_number} | {name} | {figures['first_step']} | {figures['s_per_step']:.2f} | "
                   f"{figures['peak_rss']:.2f} | {figures['peak_anonymous']:.2f} |", flush=True)
 
-    medians = {name: {key: statistics.median(run[key] for run in runs)
-                      for key in ("s_per_step", "peak_rss", "peak_anonymous")} for name, runs in results.items()}
-    ours, torch = medians["this trainer"], medians["torch sd-scripts"]
+    medians = {tag: {key: statistics.median(run[key] for run in runs)
+                     for key in ("s_per_step", "peak_rss", "peak_anonymous")} for tag, runs in results.items()}
+    ours, torch = medians["ours"], medians["torch"]
     print(f"\nmedians: torch {torch['s_per_step']:.2f} s/step, {torch['peak_rss']:.2f} GiB RSS, "
           f"{torch['peak_anonymous']:.2f} GiB anonymous; ours {ours['s_per_step']:.2f} s/step, "
           f"{ours['peak_rss']:.2f} GiB, {ours['peak_anonymous']:.2f} GiB")
