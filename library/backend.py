@@ -94,7 +94,10 @@ def linear(x, weight, bias=None):
         return mint.nn.functional.linear(x, weight, bias)
     # One 2-D MatMul: mint's linear on 3-D tokens went through MatMulExt on CPU, 4-8 ms for a LoRA matrix's
     # 256x640x8 product (a 640-channel projection unit's forward 15.7 ms instead of ~3).
-    y = _matmul_nt(x.reshape(-1, x.shape[-1]), weight).reshape(x.shape[:-1] + (weight.shape[0],))
+    if x.ndim == 2:
+        y = _matmul_nt(x, weight)
+    else:
+        y = _matmul_nt(x.reshape(-1, x.shape[-1]), weight).reshape(x.shape[:-1] + (weight.shape[0],))
     return y if bias is None else y + bias
 
 

@@ -37,7 +37,7 @@ _STATIC_TYPES = (bool, int, float, type(None))
 # Parameters per compiled optimizer-update graph: ~180 compiled fastest over a full-size LoRA's 1444 tensors.
 MAX_PARAMETERS_PER_UPDATE = 192
 # Activations transformer blocks may keep per step to skip their recompute: all of a full-size SDXL step at
-# 256 px (~0.6 GiB), about 16 of the 70 blocks at 1024 px (~130 MB each); the rest recompute.
+# 256 px (~0.75 GiB), 1-2 GiB worth of blocks at 1024 px (~140 MB per 1280-channel block); the rest recompute.
 MAX_SAVED_ACTIVATION_BYTES = 2 * 2**30
 
 
