@@ -47,14 +47,23 @@ def _owned_cells(cell: nn.Cell, exclude: str = "") -> List[nn.Cell]:
             if not exclude or not (name == exclude or name.startswith(exclude + "."))]
 
 
+def weighted_cells(cell: nn.Cell, exclude: str = "") -> List[WeightedCell]:
+    """The layers under `cell` whose weights a unit takes, in the order of their slots."""
+    return [sub for sub in _owned_cells(cell, exclude) if isinstance(sub, WeightedCell)]
+
+
 def bind_weight_slots(cell: nn.Cell, exclude: str = "") -> List[Parameter]:
     """Give every weighted layer under `cell` its slot in one flat weight tuple; return the tuple's Parameters."""
     weights = []
-    for sub in _owned_cells(cell, exclude):
-        if isinstance(sub, WeightedCell):
-            sub.slot = len(weights)
-            weights += sub.weight_params()
+    for sub in weighted_cells(cell, exclude):
+        sub.slot = len(weights)
+        weights += sub.weight_params()
     return weights
+
+
+def passed_weights(layers: Sequence[WeightedCell]) -> Tuple[Tensor, ...]:
+    """The weight tensors a unit over `layers` (`weighted_cells`) receives, in slot order."""
+    return tuple(tensor for layer in layers for tensor in layer.passed_weights())
 
 
 def structure_key(cell: nn.Cell, exclude: str = "") -> Tuple:
@@ -157,9 +166,9 @@ class Tape:
         self.entries = []
         self.max_saved_bytes, self.saved_bytes = max_saved_bytes, 0
 
-    def run(self, unit: CompiledUnit, weights: Sequence[Parameter], activations: Tuple, constants: Tuple) -> Tensor:
-        # `data` is a tensor sharing the Parameter's memory (`value()` copies it: +10 GiB at full size, measured).
-        tensors = (*activations, *constants, *(param.data for param in weights))
+    def run(self, unit: CompiledUnit, weights: Sequence[Parameter], layers: Sequence[WeightedCell],
+            activations: Tuple, constants: Tuple) -> Tensor:
+        tensors = (*activations, *constants, *passed_weights(layers))
         if unit.saving is not None and self.saved_bytes < self.max_saved_bytes:
             output, saved = unit.saving.forward(tensors)
             self.saved_bytes += sum(tensor.nbytes for tensor in saved)
@@ -232,7 +241,7 @@ class BlockwiseSDXLLoss:
         self.loss_cell, self.unet, self.params = loss_cell, loss_cell.unet, list(params)
         self.max_saved_bytes, self.last_saved_bytes = max_saved_bytes, 0
         self._units: Dict[Tuple, CompiledUnit] = {}
-        self._cell_units: Dict[Tuple[str, int], Tuple[CompiledUnit, List[Parameter]]] = {}
+        self._cell_units: Dict[Tuple[str, int], Tuple[CompiledUnit, List[Parameter], List[WeightedCell]]] = {}
         self._condition = ms.jit(loss_cell.condition_unet)
         self._embed = ms.jit(self.unet.embedding)
         covered = set()
@@ -275,7 +284,7 @@ class BlockwiseSDXLLoss:
                 saving = SavingUnit(SavedBackwardBlock(cell), kind)
             self._units[key] = CompiledUnit(_unit_call(kind, cell, self.loss_cell), num_activations, num_constants,
                                             trainable, kind, saving)
-        self._cell_units[(kind, id(cell))] = (self._units[key], weights)
+        self._cell_units[(kind, id(cell))] = (self._units[key], weights, weighted_cells(cell, exclude))
         return weights
 
     @property
@@ -291,10 +300,10 @@ class BlockwiseSDXLLoss:
         return len(self._cell_units)
 
     def _run(self, tape, kind: str, cell: nn.Cell, activations: Tuple, constants: Tuple) -> Tensor:
-        unit, weights = self._cell_units[(kind, id(cell))]
+        unit, weights, layers = self._cell_units[(kind, id(cell))]
         if tape is None:
-            return unit.forward(*activations, *constants, *(param.data for param in weights))
-        return tape.run(unit, weights, activations, constants)
+            return unit.forward(*activations, *constants, *passed_weights(layers))
+        return tape.run(unit, weights, layers, activations, constants)
 
     def _block(self, tape: Tape, block, activations: Tuple, constants: Tuple) -> Tensor:
         for index, layer in enumerate(block.cell_list):

@@ -31,6 +31,20 @@ def test_conv2d_matches_direct_convolution(kernel, stride, padding):
     np.testing.assert_allclose(got, _conv_reference(x, w, b, stride, padding), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0)])
+def test_conv2d_takes_the_weight_operand_a_unit_receives(kernel, stride, padding):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, 5, 9, 7)).astype(np.float32)
+    w = rng.standard_normal((4, 5, kernel, kernel)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    weight = ms.Parameter(ms.Tensor(w), name="w", requires_grad=False)
+    operand = backend.conv_weight_operand(weight.data)
+    if backend.on_cpu():
+        assert operand.shape == (4, 5 * kernel * kernel) and operand.data_ptr() == weight.data.data_ptr()
+    got = ms.jit(backend.conv2d)(ms.Tensor(x), operand, ms.Tensor(b), stride, padding, kernel).asnumpy()
+    np.testing.assert_allclose(got, _conv_reference(x, w, b, stride, padding), rtol=1e-4, atol=1e-4)
+
+
 def test_conv2d_in_row_bands_equals_one_pass(monkeypatch):
     rng = np.random.default_rng(1)
     x = ms.Tensor(rng.standard_normal((2, 3, 11, 6)).astype(np.float32))
