@@ -136,36 +136,37 @@ def _layer_norm_grad(norm: LayerNorm) -> Callable:
     return grad
 
 
-def _attention(batch: int, heads: int) -> Tuple[Callable, Callable]:
-    """(forward(q, k, v) -> (out, *saved), backward(dout, *saved) -> (dq, dk, dv)) of multi-head scaled dot-product
-    attention on 2-D [batch * tokens, heads * head_dim] matrices.
+def _split_heads(x, batch: int, heads: int):
+    """[batch * tokens, heads * head_dim] -> [batch, heads, tokens, head_dim]."""
+    return x.reshape(batch, -1, heads, x.shape[-1] // heads).swapaxes(1, 2)
+
+
+def _merge_heads(x):
+    """[batch, heads, tokens, head_dim] -> [batch * tokens, heads * head_dim]."""
+    return x.swapaxes(1, 2).reshape(-1, x.shape[1] * x.shape[3])
+
+
+def _attention_forward(q, k, v, batch: int, heads: int):
+    """Multi-head scaled dot-product attention on 2-D [batch * tokens, heads * head_dim] matrices
+    -> (out, *saved for `_attention_backward`).
 
     The backward recomputes the attention probabilities (one batched matmul and a softmax) rather than have the
     forward keep them: at 1024 px they would be 84 MB of a 1280-channel block's saved tensors, taking the place
     of whole blocks under the tape's byte budget, whose recompute costs far more."""
+    scaled_q = _split_heads(q, batch, heads) * (1.0 / math.sqrt(q.shape[-1] // heads))
+    k, v = _split_heads(k, batch, heads), _split_heads(v, batch, heads)
+    probs = ops.softmax(_batch_matmul_tb(scaled_q, k), -1)
+    return _merge_heads(_batch_matmul(probs, v)), scaled_q, k, v
 
-    def split_heads(x):
-        return x.reshape(batch, -1, heads, x.shape[-1] // heads).swapaxes(1, 2)
 
-    def merge_heads(x):
-        return x.swapaxes(1, 2).reshape(-1, x.shape[1] * x.shape[3])
-
-    def forward(q, k, v):
-        scale = 1.0 / math.sqrt(q.shape[-1] // heads)
-        scaled_q, k, v = split_heads(q) * scale, split_heads(k), split_heads(v)
-        probs = ops.softmax(_batch_matmul_tb(scaled_q, k), -1)
-        return merge_heads(_batch_matmul(probs, v)), scaled_q, k, v
-
-    def backward(dout, scaled_q, k, v):
-        scale = 1.0 / math.sqrt(scaled_q.shape[-1])
-        probs = ops.softmax(_batch_matmul_tb(scaled_q, k), -1)
-        dout = split_heads(dout)
-        dprobs = _batch_matmul_tb(dout, v)
-        dscores = probs * (dprobs - (dprobs * probs).sum(-1, keepdims=True))
-        dq = merge_heads(_batch_matmul(dscores, k)) * scale
-        return dq, merge_heads(_batch_matmul_ta(dscores, scaled_q)), merge_heads(_batch_matmul_ta(probs, dout))
-
-    return forward, backward
+def _attention_backward(dout, scaled_q, k, v, batch: int, heads: int):
+    """(dq, dk, dv) given d(out) and what `_attention_forward` saved."""
+    probs = ops.softmax(_batch_matmul_tb(scaled_q, k), -1)
+    dout = _split_heads(dout, batch, heads)
+    dprobs = _batch_matmul_tb(dout, v)
+    dscores = probs * (dprobs - (dprobs * probs).sum(-1, keepdims=True))
+    dq = _merge_heads(_batch_matmul(dscores, k)) * (1.0 / math.sqrt(scaled_q.shape[-1]))
+    return dq, _merge_heads(_batch_matmul_ta(dscores, scaled_q)), _merge_heads(_batch_matmul_ta(probs, dout))
 
 
 def _geglu(hidden: int) -> Tuple[Callable, Callable]:
@@ -210,22 +211,20 @@ class SavedBackwardBlock:
 
         def forward(x, context, weights):
             batch, tokens, channels = x.shape
-            attend1, _ = _attention(batch, heads1)
-            attend2, _ = _attention(batch, heads2)
             x = x.reshape(batch * tokens, channels)
             context = context.reshape(-1, context.shape[-1])
             h1 = norm1(x, weights)
             q, lq = q1(h1, weights)
             k, lk = k1(h1, weights)
             v, lv = v1(h1, weights)
-            a1, *attention1 = attend1(q, k, v)
+            a1, *attention1 = _attention_forward(q, k, v, batch, heads1)
             out1, lo1 = o1(a1, weights)
             x1 = x + out1
             h2 = norm2(x1, weights)
             qq, lq2 = q2(h2, weights)
             kk, lk2 = k2(context, weights)
             vv, lv2 = v2(context, weights)
-            a2, *attention2 = attend2(qq, kk, vv)
+            a2, *attention2 = _attention_forward(qq, kk, vv, batch, heads2)
             out2, lo2 = o2(a2, weights)
             x2 = x1 + out2
             h3 = norm3(x2, weights)
@@ -240,8 +239,6 @@ class SavedBackwardBlock:
             (h1, a1, x1, h2, a2, x2, h3, g, sq1, sk1, sv1, sq2, sk2, sv2, value, gate, cdf,
              lq, lk, lv, lo1, lq2, lk2, lv2, lo2, lp, lf) = saved
             batch, tokens, channels = x.shape
-            _, attend1_back = _attention(batch, heads1)
-            _, attend2_back = _attention(batch, heads2)
             dy = dy.reshape(batch * tokens, channels)
             x = x.reshape(batch * tokens, channels)
             context = context.reshape(-1, context.shape[-1])
@@ -249,13 +246,13 @@ class SavedBackwardBlock:
             dh3, grads_ff_in = ff_in_back(geglu_back(dg, value, gate, cdf), h3, lp, weights, True)
             dx2 = dy + norm3_grad(x2, weights, dh3)
             da2, grads_o2 = o2_back(dx2, a2, lo2, weights, True)
-            dq2, dk2, dv2 = attend2_back(da2, sq2, sk2, sv2)
+            dq2, dk2, dv2 = _attention_backward(da2, sq2, sk2, sv2, batch, heads2)
             dh2, grads_q2 = q2_back(dq2, h2, lq2, weights, True)
             _, grads_k2 = k2_back(dk2, context, lk2, weights, False)
             _, grads_v2 = v2_back(dv2, context, lv2, weights, False)
             dx1 = dx2 + norm2_grad(x1, weights, dh2)
             da1, grads_o1 = o1_back(dx1, a1, lo1, weights, True)
-            dq, dk, dv = attend1_back(da1, sq1, sk1, sv1)
+            dq, dk, dv = _attention_backward(da1, sq1, sk1, sv1, batch, heads1)
             dhq, grads_q1 = q1_back(dq, h1, lq, weights, True)
             dhk, grads_k1 = k1_back(dk, h1, lk, weights, True)
             dhv, grads_v1 = v1_back(dv, h1, lv, weights, True)
