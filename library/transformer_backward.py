@@ -101,7 +101,7 @@ def _projection(layer: nn.Cell) -> Tuple[Callable, Callable, Tuple[int, ...]]:
             if not need_dx:
                 return None, ()
             weight, _ = base_weights(dy, weights)
-            return _matmul(dy, weight), ()
+            return backend.linear_input_grad(dy, weight), ()
 
         return forward, backward, ()
 
@@ -121,7 +121,7 @@ def _projection(layer: nn.Cell) -> Tuple[Callable, Callable, Tuple[int, ...]]:
         if not need_dx:
             return None, (grad_down, grad_up)
         weight, _ = base_weights(dy, weights)
-        return _matmul(dy, weight) + _matmul(dlx, down), (grad_down, grad_up)
+        return backend.linear_input_grad(dy, weight) + _matmul(dlx, down), (grad_down, grad_up)
 
     return forward, backward, (down_slot, up_slot)
 

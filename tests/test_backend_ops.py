@@ -45,6 +45,17 @@ def test_conv2d_takes_the_weight_operand_a_unit_receives(kernel, stride, padding
     np.testing.assert_allclose(got, _conv_reference(x, w, b, stride, padding), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("out_features,in_features", [(1280, 2560), (1280, 1280), (640, 2560)])
+def test_linear_input_grad_is_dy_times_weight(out_features, in_features):
+    # (1280, 2560) takes the transposed product on CPU, the others the plain one; both are checked, compiled.
+    rng = np.random.default_rng(3)
+    dy = rng.standard_normal((6, out_features)).astype(np.float32)
+    w = rng.standard_normal((out_features, in_features)).astype(np.float32)
+    got = ms.jit(backend.linear_input_grad)(ms.Tensor(dy), ms.Tensor(w)).asnumpy()
+    assert got.shape == (6, in_features)
+    np.testing.assert_allclose(got, dy.astype(np.float64) @ w, rtol=1e-4, atol=1e-3)
+
+
 def test_conv2d_in_row_bands_equals_one_pass(monkeypatch):
     rng = np.random.default_rng(1)
     x = ms.Tensor(rng.standard_normal((2, 3, 11, 6)).astype(np.float32))
