@@ -12,10 +12,11 @@ recompute (a ResBlock as two units: 121 -> 87 ms backward at 1280 channels, 8x8)
 go further: they keep what their backward needs, up to a budget of bytes per step
 (`MAX_SAVED_ACTIVATION_BYTES`), and skip the recompute (library/transformer_backward.py).
 
-The accumulation, clipping and optimizer update after the gradients are mindone's TrainStep's: the
-accumulation and clipping in one compiled graph, the optimizer update in parts of a few hundred
-parameters, each its own graph (library/optimizers.py, `OptimizerPart`: one graph over all 1444 tensors of
-a full-size LoRA compiles more slowly, 12 s against 9 s, and holds more memory).
+After the gradients: mindone's TrainStep accumulation and all-reduce in one compiled graph (only when there is
+something to accumulate or reduce), the clipping factor in another, and the optimizer update in parts of a few
+hundred parameters, each its own graph that also applies the clipping factor (library/optimizers.py,
+`OptimizerPart`: one graph over all 1444 tensors of a full-size LoRA compiles more slowly, 12 s against 9 s, and
+holds more memory).
 """
 
 from functools import partial
@@ -39,6 +40,7 @@ MAX_PARAMETERS_PER_UPDATE = 192
 # Activations transformer blocks may keep per step to skip their recompute: all of a full-size SDXL step at
 # 256 px (~0.75 GiB), 1-2 GiB worth of blocks at 1024 px (~140 MB per 1280-channel block); the rest recompute.
 MAX_SAVED_ACTIVATION_BYTES = 2 * 2**30
+_hyper_map = ops.HyperMap()
 
 
 def _owned_cells(cell: nn.Cell, exclude: str = "") -> List[nn.Cell]:
@@ -363,8 +365,8 @@ class BlockwiseTrainStepForSDXLLoRA(TrainStepForSDXLLoRA):
     """TrainStepForSDXLLoRA whose gradients come from BlockwiseSDXLLoss; call `run(*step inputs)`.
 
     Not compiled as a whole: `run` drives the compiled units, then the graphs of what mindone's
-    TrainStep.construct does after the backward pass (it has no method for that part): accumulation,
-    all-reduce, clipping; the optimizer update, part by part; the end of the step."""
+    TrainStep.construct does after the backward pass (it has no method for that part): accumulation and
+    all-reduce; clipping; the optimizer update, part by part; the end of the step."""
 
     def __init__(self, loss_cell: SDXLLoRALoss, optimizer, max_grad_norm=None, gradient_accumulation_steps=1,
                  max_parameters_per_update=MAX_PARAMETERS_PER_UPDATE):
@@ -372,20 +374,31 @@ class BlockwiseTrainStepForSDXLLoRA(TrainStepForSDXLLoRA):
         self.set_train(True)  # before the units are keyed: the training mode is part of their structure
         self.blockwise = BlockwiseSDXLLoss(loss_cell, self.parameters)
         self._upstream = self.scale_loss(Tensor(1.0, ms.float32))
-        self._prepare_gradients = ms.jit(self.prepare_gradients)
-        self.update_parts = [(part.first, part.last, ms.jit(part.construct))
+        gathers = (self.grad_accumulator.gradient_accumulation_steps > 1
+                   or ms.get_auto_parallel_context("parallel_mode") != ms.ParallelMode.STAND_ALONE)
+        self._gather_gradients = ms.jit(self.gather_gradients) if gathers else None
+        self.max_grad_norm = self.grad_clipper.max_grad_norm
+        self._clip_factor = ms.jit(self.clip_factor) if self.max_grad_norm is not None else None
+        self.update_parts = [(part.first, part.last, ms.jit(_scaled(part.construct)) if self._clip_factor
+                              else ms.jit(part.construct))
                              for part in split_update(optimizer, max_parameters_per_update)]
         self._finish_step = ms.jit(self.finish_step)
 
-    def prepare_gradients(self, *grads):
-        """-> (whether the optimizer steps now, the gradients to step with): accumulated (and averaged over
-        ranks under data parallelism), then, on a step's last micro-batch, clipped. Not unscaled: this step
-        has no loss scaler, and mindone's unscale by its static 1.0 is a kernel per tensor (40-140 ms for
-        a full-size LoRA's 1444)."""
-        grads = self.grad_accumulator.step(grads)
-        if self.sync_gradients:
-            grads = self.grad_clipper.clip_grad_norm(grads)
+    def gather_gradients(self, *grads):
+        """-> (whether the optimizer steps now, the gradients to step with): accumulated, and averaged over ranks
+        under data parallelism. Not unscaled: this step has no loss scaler, and mindone's unscale by its static
+        1.0 is a kernel per tensor (40-140 ms for a full-size LoRA's 1444)."""
+        grads = self.grad_accumulator.step(grads)  # before reading sync_gradients: the step sets it
         return self.sync_gradients, grads
+
+    def clip_factor(self, *grads):
+        """What clipping multiplies the gradients by, as mindone's clip_by_global_norm computes it:
+        max_grad_norm / max(global L2 norm, max_grad_norm). The squares are summed over one concatenation: a
+        sum per tensor was two kernels each (1444 in a full-size LoRA, ~50-380 us apiece on CPU), and returning
+        the clipped tensors from this graph cost as much again in outputs."""
+        flat = ops.concat(_hyper_map(_flattened_float32, grads))
+        norm = ops.sqrt((flat * flat).sum())
+        return self.max_grad_norm / ops.maximum(norm, self.max_grad_norm)
 
     def finish_step(self):
         self.grad_scaler.update()
@@ -393,9 +406,27 @@ class BlockwiseTrainStepForSDXLLoRA(TrainStepForSDXLLoRA):
 
     def run(self, *inputs):
         loss, grads = self.blockwise(self._upstream, *inputs)
-        step_now, grads = self._prepare_gradients(*grads)
+        step_now = True
+        if self._gather_gradients is not None:
+            step_now, grads = self._gather_gradients(*grads)
         if step_now:  # no loss scaler here, so a step is never skipped for overflow
+            factor = (self._clip_factor(*grads),) if self._clip_factor is not None else ()
             for first, last, update in self.update_parts:
-                update(*grads[first:last])
+                update(*factor, *grads[first:last])
             self._finish_step()
         return loss, loss
+
+
+def _flattened_float32(tensor):
+    return tensor.reshape(-1).astype(ms.float32)
+
+
+def _scaled(update: Callable) -> Callable:
+    """`update(*grads)` as `scaled_update(factor, *grads)`, which first multiplies every gradient by `factor`."""
+    def scaled_update(factor, *grads):
+        return update(*_hyper_map(ops.partial(_times, factor), grads))
+    return scaled_update
+
+
+def _times(factor, grad):
+    return grad * factor.astype(grad.dtype)

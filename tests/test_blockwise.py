@@ -6,11 +6,12 @@ import pytest
 import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 
-from library.blockwise import BlockwiseSDXLLoss, structure_key
+from library.blockwise import BlockwiseSDXLLoss, BlockwiseTrainStepForSDXLLoRA, structure_key
 from library.errors import UserError
 from library.layers import weight_init
+from library.optimizers import create_optimizer
 from library.sdxl_unet import BasicTransformerBlock, SDXLUNet, SizeEmbedding
-from library.train_step import CachedConditioning, SDXLLoRALoss
+from library.train_step import CachedConditioning, SDXLLoRALoss, TrainStepForSDXLLoRA
 from networks import lora
 from tools.make_tiny_sdxl import TINY_UNET
 
@@ -28,22 +29,30 @@ def _adapted_unet(conv_dim=None):
     return unet, network
 
 
+def _randomize_up_matrices(network, rng):
+    for module in network.loras:  # non-zero up matrices, so that every LoRA gradient is non-zero
+        up = module.lora_up.weight
+        up.set_data(Tensor(rng.standard_normal(up.shape).astype(np.float32) * 0.1))
+
+
+def _step_inputs(rng):
+    return (Tensor(rng.standard_normal((2, 4, 16, 16)).astype(np.float32)),
+            Tensor(rng.standard_normal((2, 4, 16, 16)).astype(np.float32)),
+            Tensor(np.array([500, 20], np.int32)), Tensor(np.array([[128, 128, 0, 0, 128, 128]] * 2, np.float32)),
+            Tensor(np.array([1.0, 0.5], np.float32)), Tensor(np.array([0.1, 0.2], np.float32)),
+            Tensor(rng.standard_normal((2, 77, TINY_UNET.context_dim)).astype(np.float32)),
+            Tensor(rng.standard_normal((2, TINY_UNET.pooled_dim)).astype(np.float32)),
+            Tensor(np.zeros((), np.float32)))
+
+
 @pytest.fixture(scope="module")
 def blockwise_and_reference():
     unet, network = _adapted_unet(conv_dim=4)
     rng = np.random.default_rng(1)
-    for module in network.loras:  # non-zero up matrices, so that every LoRA gradient is non-zero
-        up = module.lora_up.weight
-        up.set_data(Tensor(rng.standard_normal(up.shape).astype(np.float32) * 0.1))
+    _randomize_up_matrices(network, rng)
     params = network.adapter_params()
     loss_cell = SDXLLoRALoss(unet, CachedConditioning(), "huber")
-    inputs = (Tensor(rng.standard_normal((2, 4, 16, 16)).astype(np.float32)),
-              Tensor(rng.standard_normal((2, 4, 16, 16)).astype(np.float32)),
-              Tensor(np.array([500, 20], np.int32)), Tensor(np.array([[128, 128, 0, 0, 128, 128]] * 2, np.float32)),
-              Tensor(np.array([1.0, 0.5], np.float32)), Tensor(np.array([0.1, 0.2], np.float32)),
-              Tensor(rng.standard_normal((2, 77, TINY_UNET.context_dim)).astype(np.float32)),
-              Tensor(rng.standard_normal((2, TINY_UNET.pooled_dim)).astype(np.float32)),
-              Tensor(np.zeros((), np.float32)))
+    inputs = _step_inputs(rng)
     blockwise = BlockwiseSDXLLoss(loss_cell, params)
     upstream = 0.5
     loss, grads = blockwise(Tensor(upstream, ms.float32), *inputs)
@@ -112,6 +121,34 @@ def test_blocks_of_the_same_structure_share_one_compiled_unit(blockwise_and_refe
     assert unit("resblock_in", first_res) is not unit("resblock_out", first_res)
     assert unit("resblock_in", unet.input_blocks[4][0]) is not unit("resblock_in", unet.input_blocks[5][0])  # 32->64
     assert blockwise.num_compiled_units < len(blockwise._cell_units)
+
+
+def test_the_step_accumulates_clips_and_updates_like_the_whole_step():
+    """After the units: accumulation over two micro-batches, clipping to the global norm and the update, against
+    mindone's TrainStep running the whole step. SGD with momentum, whose update is proportional to the gradient,
+    so that a wrong clipping factor shows (Adam's would mostly cancel it); the gradients' norm is ~0.026 here,
+    so a maximum of 1e-3 clips every step."""
+    max_grad_norm, accumulation = 1e-3, 2
+    finals = []
+    for step_class in (TrainStepForSDXLLoRA, BlockwiseTrainStepForSDXLLoRA):
+        unet, network = _adapted_unet()
+        rng = np.random.default_rng(4)
+        _randomize_up_matrices(network, rng)
+        initial = [param.asnumpy().copy() for param in network.adapter_params()]  # asnumpy shares memory on CPU
+        groups, _ = network.prepare_optimizer_params(None, None, 1.0)
+        optimizer, _, _ = create_optimizer("SGDNesterov", groups, 1.0)
+        step = step_class(SDXLLoRALoss(unet, CachedConditioning()), optimizer, max_grad_norm, accumulation)
+        run = step.run if isinstance(step, BlockwiseTrainStepForSDXLLoRA) else ms.jit(step.construct)
+        for _ in range(2 * accumulation):
+            run(*_step_inputs(rng))
+        assert int(optimizer.step_count.asnumpy()) == 2
+        finals.append([param.asnumpy().copy() for param in network.adapter_params()])
+    # Two Nesterov steps move the weights by at most (1.9 + 2.71) * lr * the gradients' norm.
+    distance = np.sqrt(sum(((final - start) ** 2).sum() for final, start in zip(finals[0], initial)))
+    assert 0 < distance < 4.61e-3
+    moved = max(np.abs(final - start).max() for final, start in zip(finals[0], initial))
+    for whole, blockwise, start in zip(*finals, initial):
+        np.testing.assert_allclose(blockwise - start, whole - start, rtol=1e-3, atol=1e-3 * moved)
 
 
 def test_structure_key_ignores_names_but_not_settings():
