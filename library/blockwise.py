@@ -377,9 +377,10 @@ class BlockwiseTrainStepForSDXLLoRA(TrainStepForSDXLLoRA):
         gathers = (self.grad_accumulator.gradient_accumulation_steps > 1
                    or ms.get_auto_parallel_context("parallel_mode") != ms.ParallelMode.STAND_ALONE)
         self._gather_gradients = ms.jit(self.gather_gradients) if gathers else None
-        self.max_grad_norm = self.grad_clipper.max_grad_norm
-        self._clip_factor = ms.jit(self.clip_factor) if self.max_grad_norm is not None else None
-        self.update_parts = [(part.first, part.last, ms.jit(_scaled(part.construct)) if self._clip_factor
+        max_grad_norm = self.grad_clipper.max_grad_norm
+        self._max_grad_norm = None if max_grad_norm is None else Tensor(max_grad_norm, ms.float32)
+        self._clip_factor = ms.jit(clip_factor) if max_grad_norm is not None else None
+        self.update_parts = [(part.first, part.last, ms.jit(part.scaled_construct) if self._clip_factor
                               else ms.jit(part.construct))
                              for part in split_update(optimizer, max_parameters_per_update)]
         self._finish_step = ms.jit(self.finish_step)
@@ -391,15 +392,6 @@ class BlockwiseTrainStepForSDXLLoRA(TrainStepForSDXLLoRA):
         grads = self.grad_accumulator.step(grads)  # before reading sync_gradients: the step sets it
         return self.sync_gradients, grads
 
-    def clip_factor(self, *grads):
-        """What clipping multiplies the gradients by, as mindone's clip_by_global_norm computes it:
-        max_grad_norm / max(global L2 norm, max_grad_norm). The squares are summed over one concatenation: a
-        sum per tensor was two kernels each (1444 in a full-size LoRA, ~50-380 us apiece on CPU), and returning
-        the clipped tensors from this graph cost as much again in outputs."""
-        flat = ops.concat(_hyper_map(_flattened_float32, grads))
-        norm = ops.sqrt((flat * flat).sum())
-        return self.max_grad_norm / ops.maximum(norm, self.max_grad_norm)
-
     def finish_step(self):
         self.grad_scaler.update()
         return self.grad_accumulator.zero_grad()
@@ -410,23 +402,22 @@ class BlockwiseTrainStepForSDXLLoRA(TrainStepForSDXLLoRA):
         if self._gather_gradients is not None:
             step_now, grads = self._gather_gradients(*grads)
         if step_now:  # no loss scaler here, so a step is never skipped for overflow
-            factor = (self._clip_factor(*grads),) if self._clip_factor is not None else ()
+            factor = (self._clip_factor(self._max_grad_norm, *grads),) if self._clip_factor is not None else ()
             for first, last, update in self.update_parts:
                 update(*factor, *grads[first:last])
             self._finish_step()
         return loss, loss
 
 
+def clip_factor(max_norm, *grads):
+    """What clipping multiplies the gradients by, as mindone's clip_by_global_norm computes it:
+    max_norm / max(global L2 norm, max_norm). The squares are summed over one concatenation: a sum per tensor
+    was two kernels each (1444 in a full-size LoRA, ~50-380 us apiece on CPU), and returning the clipped
+    tensors from this graph cost as much again in outputs."""
+    flat = ops.concat(_hyper_map(_flattened_float32, grads))
+    norm = ops.sqrt((flat * flat).sum())
+    return max_norm / ops.maximum(norm, max_norm)
+
+
 def _flattened_float32(tensor):
     return tensor.reshape(-1).astype(ms.float32)
-
-
-def _scaled(update: Callable) -> Callable:
-    """`update(*grads)` as `scaled_update(factor, *grads)`, which first multiplies every gradient by `factor`."""
-    def scaled_update(factor, *grads):
-        return update(*_hyper_map(ops.partial(_times, factor), grads))
-    return scaled_update
-
-
-def _times(factor, grad):
-    return grad * factor.astype(grad.dtype)

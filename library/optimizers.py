@@ -583,6 +583,14 @@ class OptimizerPart(nn.Cell):
         params, lrs, states = self.slices
         return self.optimizer.update(grads, params, lrs, states, self.first == 0)
 
+    def scaled_construct(self, factor, *grads):
+        """The update from the gradients times `factor` (gradient clipping's, computed over every part's gradients)."""
+        return self.construct(*self.optimizer.hyper_map(ops.partial(_times, factor), grads))
+
+
+def _times(factor, grad):
+    return grad * factor.astype(grad.dtype)
+
 
 def split_update(optimizer: GroupedOptimizer, max_parameters_per_part: int):
     """The optimizer's update as parts of at most `max_parameters_per_part` parameters (of similar size), to
