@@ -378,10 +378,11 @@ class BlockwiseTrainStepForSDXLLoRA(TrainStepForSDXLLoRA):
                    or ms.get_auto_parallel_context("parallel_mode") != ms.ParallelMode.STAND_ALONE)
         self._gather_gradients = ms.jit(self.gather_gradients) if gathers else None
         max_grad_norm = self.grad_clipper.max_grad_norm
+        # Clipping is on exactly when _max_grad_norm is set; then every update graph also takes the factor.
         self._max_grad_norm = None if max_grad_norm is None else Tensor(max_grad_norm, ms.float32)
-        self._clip_factor = ms.jit(clip_factor) if max_grad_norm is not None else None
-        self.update_parts = [(part.first, part.last, ms.jit(part.scaled_construct) if self._clip_factor
-                              else ms.jit(part.construct))
+        self._clip_factor = ms.jit(clip_factor)
+        self.update_parts = [(part.first, part.last,
+                              ms.jit(part.construct if self._max_grad_norm is None else part.scaled_construct))
                              for part in split_update(optimizer, max_parameters_per_update)]
         self._finish_step = ms.jit(self.finish_step)
 
@@ -402,7 +403,7 @@ class BlockwiseTrainStepForSDXLLoRA(TrainStepForSDXLLoRA):
         if self._gather_gradients is not None:
             step_now, grads = self._gather_gradients(*grads)
         if step_now:  # no loss scaler here, so a step is never skipped for overflow
-            factor = (self._clip_factor(self._max_grad_norm, *grads),) if self._clip_factor is not None else ()
+            factor = () if self._max_grad_norm is None else (self._clip_factor(self._max_grad_norm, *grads),)
             for first, last, update in self.update_parts:
                 update(*factor, *grads[first:last])
             self._finish_step()
