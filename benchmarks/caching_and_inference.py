@@ -4,11 +4,11 @@ the trainer's and the inference script's own code.
     python benchmarks/caching_and_inference.py                       # the tiny SDXL, made here
     python benchmarks/caching_and_inference.py --checkpoint sdxl.safetensors --resolution 512
 
-Caching runs twice over the demo set's 8 images and captions (tools/make_demo_dataset.py, in memory, as
-without --cache_latents_to_disk): the first pass
-includes compiling the encoders, the second is the steady throughput. Inference renders
-`--generate` images of `--steps` Euler steps at the caching resolution, with classifier-free guidance as
-sdxl_minimal_inference.py does; the first image includes compilation, the median of the rest is reported.
+Caching runs twice over the demo set's 8 images and captions (tools/make_demo_dataset.py), in memory as
+without --cache_latents_to_disk: the first pass includes compiling the encoders, the second is the steady
+throughput. Inference renders `--generate` images of `--steps` Euler steps at the caching resolution, with
+classifier-free guidance as sdxl_minimal_inference.py does; the first image includes compilation, the median
+of the rest is reported.
 """
 
 import argparse
