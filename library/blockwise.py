@@ -374,8 +374,8 @@ class BlockwiseTrainStepForSDXLLoRA(TrainStepForSDXLLoRA):
         self.set_train(True)  # before the units are keyed: the training mode is part of their structure
         self.blockwise = BlockwiseSDXLLoss(loss_cell, self.parameters)
         self._upstream = self.scale_loss(Tensor(1.0, ms.float32))
-        gathers = (self.grad_accumulator.gradient_accumulation_steps > 1
-                   or ms.get_auto_parallel_context("parallel_mode") != ms.ParallelMode.STAND_ALONE)
+        accumulator = self.grad_accumulator  # its reducer is mindone's choice for the parallel mode
+        gathers = accumulator.gradient_accumulation_steps > 1 or not isinstance(accumulator.grad_reducer, nn.Identity)
         self._gather_gradients = ms.jit(self.gather_gradients) if gathers else None
         max_grad_norm = self.grad_clipper.max_grad_norm
         # Clipping is on exactly when _max_grad_norm is set; then every update graph also takes the factor.
