@@ -107,8 +107,11 @@ print(json.dumps([sorted(values[1:])[len(values[1:]) // 2] for values in times])
 
 
 def time_torch(torch_python: str, shapes: List[Product], rounds: int) -> Dict[Product, float]:
+    # MindSpore sets OMP_NUM_THREADS=1 in the C environment, which a child inherits by default; torch would
+    # then run on one thread. os.environ is the environment as Python saw it (the user's own setting stays).
     finished = subprocess.run([torch_python, "-c", _TORCH_SCRIPT, json.dumps(shapes), str(rounds),
-                               str(WEIGHTS_PER_SHAPE)], capture_output=True, text=True, check=True)
+                               str(WEIGHTS_PER_SHAPE)], capture_output=True, text=True, check=True,
+                              env=dict(os.environ))
     return dict(zip(shapes, json.loads(finished.stdout.strip().splitlines()[-1])))
 
 
