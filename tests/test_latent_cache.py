@@ -17,6 +17,7 @@ from library.latent_cache import (
     text_encoder_outputs_npz_path,
 )
 from library.train_dataset import build_dataset_group
+from image_files import make_image
 
 
 def parse_args(*argv):
@@ -25,14 +26,6 @@ def parse_args(*argv):
     args = parser.parse_args([str(a) for a in argv])
     args.seed = 7
     return args
-
-
-def make_image(path, width, height, seed=0, mode="RGB"):
-    channels = 4 if mode == "RGBA" else 3
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(pixels, mode).save(path)
-    return str(path)
 
 
 class FakeVae:

@@ -14,6 +14,7 @@ from library.sdxl_unet import SDXLUNet
 from library.text_encoders import build_text_encoder, clip_text_config
 from networks.lora import create_network_from_weights
 from tools.make_tiny_sdxl import TINY_TE1, TINY_TE2, TINY_UNET
+from numpy_conv import numpy_conv2d
 
 # (Kohya name in the SGM layout, its diffusers-layout name, the base weight's parameter path)
 MODULES = [
@@ -96,19 +97,6 @@ def test_torch_style_file_merges_to_the_expected_delta(tmp_path, dtype, with_alp
     network.unmerge()
     for name, weight in base_weights(models).items():
         np.testing.assert_allclose(weight, before[name], rtol=0, atol=2e-6, err_msg=name)
-
-
-def numpy_conv2d(x, w, stride, padding):
-    n, _, h, width = x.shape
-    k = w.shape[2]
-    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    oh, ow = (h + 2 * padding - k) // stride + 1, (width + 2 * padding - k) // stride + 1
-    out = np.zeros((n, w.shape[0], oh, ow))
-    for i in range(oh):
-        for j in range(ow):
-            patch = xp[:, :, i * stride:i * stride + k, j * stride:j * stride + k]
-            out[:, :, i, j] = np.einsum("nckl,ockl->no", patch, w)
-    return out
 
 
 def test_merged_strided_conv_equals_its_lora_applied_as_two_convolutions(tmp_path):

@@ -17,6 +17,7 @@ from library.sdxl_unet import SDXLUNet, UNetConfig
 from library.text_encoders import build_text_encoder, clip_text_config
 from networks.lora import LoRAModule, create_network, sdxl_block_index
 from tools.make_tiny_sdxl import TINY_TE1, TINY_TE2, TINY_UNET
+from numpy_conv import numpy_conv2d
 
 REFERENCE = Path(__file__).parent / "reference"
 
@@ -164,19 +165,6 @@ def test_applying_keeps_parameter_names_unique_and_unet_only_leaves_text_encoder
 
 
 # ---- The LoRA cell against numpy ------------------------------------------------------------------
-
-
-def numpy_conv2d(x, w, stride, padding):
-    n, _, h, width = x.shape
-    k = w.shape[2]
-    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    oh, ow = (h + 2 * padding - k) // stride + 1, (width + 2 * padding - k) // stride + 1
-    out = np.zeros((n, w.shape[0], oh, ow))
-    for i in range(oh):
-        for j in range(ow):
-            patch = xp[:, :, i * stride:i * stride + k, j * stride:j * stride + k]
-            out[:, :, i, j] = np.einsum("nckl,ockl->no", patch, w)
-    return out
 
 
 def lora_cell(base, rank, alpha, seed=0, **dropouts):

@@ -14,6 +14,7 @@ from PIL import Image
 from library.dataset_args import add_dataset_arguments
 from library.errors import UserError
 from library.train_dataset import build_dataset_group
+from image_files import make_image
 
 
 def parse_args(*argv, seed=1234):
@@ -22,14 +23,6 @@ def parse_args(*argv, seed=1234):
     args = parser.parse_args([str(a) for a in argv])
     args.seed = seed
     return args
-
-
-def make_image(path, width, height, seed=0, mode="RGB"):
-    channels = 4 if mode == "RGBA" else 3
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(pixels, mode).save(path)
-    return str(path)
 
 
 def write_config(tmp_path, text):
