@@ -24,6 +24,7 @@ import mindspore as ms  # noqa: E402
 
 import sdxl_minimal_inference  # noqa: E402
 from library.distributed import init_data_parallel  # noqa: E402
+from library.errors import exit_on_user_error  # noqa: E402
 from library.sampling import SDXLSampler  # noqa: E402
 from library.tokenizers import load_sdxl_tokenizers  # noqa: E402
 from library.train_args import parse_args  # noqa: E402
@@ -106,4 +107,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error():
+        main()
