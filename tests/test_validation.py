@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 import mindspore as ms
-from PIL import Image
 
 from library.dataset_args import add_dataset_arguments
 from library.diffusion import TrainingTargets
@@ -20,6 +19,7 @@ from library.train_args import parse_args as parse_training_args
 from library.train_dataset import build_dataset_group
 from sdxl_train_network import SdxlNetworkTrainer
 from train_network import check_validation_args, validation_timesteps
+from image_files import make_image
 
 
 def dataset_args(config_path, seed=1234):
@@ -33,8 +33,7 @@ def dataset_args(config_path, seed=1234):
 def image_folder(root, name, count):
     (root / name).mkdir()
     for index in range(count):
-        pixels = np.random.default_rng(index).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / name / f"{index:02d}.png")
+        make_image(str(root / name / f"{index:02d}.png"), 64, 64, seed=index)
         (root / name / f"{index:02d}.txt").write_text(f"{name} {index}")
     return root / name
 
